@@ -1,0 +1,58 @@
+"""Publish: tokens -> prefill -> artifact bytes -> signed manifest -> store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kvnet import artifact, chain
+from kvnet.engine import Engine
+from kvnet.manifest import MAX_PIECE_SIZE, SignedManifest, Terms
+from kvnet.store import Store
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    signed: SignedManifest
+    prefill_s: float
+    total_s: float
+
+    @property
+    def manifest_id(self) -> bytes:
+        return self.signed.id
+
+
+def publish_tokens(
+    engine: Engine,
+    store: Store,
+    key: Ed25519PrivateKey,
+    tokens: list[int],
+    *,
+    block_size: int = chain.DEFAULT_BLOCK_SIZE,
+    piece_size: int = MAX_PIECE_SIZE,
+    terms: Terms | None = None,
+    source: dict | None = None,
+    ttl_seconds: int = 0,
+    on_layer: Callable[[int], None] | None = None,
+    on_piece: Callable[[int, int], None] | None = None,
+) -> PublishResult:
+    """Prefill `tokens`, sign the artifact and store it (manifest first, then pieces)."""
+    t0 = time.perf_counter()
+    kv = engine.prefill(tokens, on_layer=on_layer)
+    t1 = time.perf_counter()
+    data = artifact.kv_to_bytes(kv, engine.layout, block_size)
+    del kv
+    signed = artifact.build_manifest(
+        engine, tokens, data, key, block_size=block_size, piece_size=piece_size,
+        terms=terms, source=source, ttl_seconds=ttl_seconds,
+    )
+    store.put_manifest(signed.raw)
+    pieces = artifact.split_pieces(data, piece_size)
+    for i, piece in enumerate(pieces):
+        store.put_piece(signed.id, i, piece)
+        if on_piece:
+            on_piece(i + 1, len(pieces))
+    return PublishResult(signed, t1 - t0, time.perf_counter() - t0)

@@ -1,0 +1,58 @@
+"""Reuse: find the longest stored prefix of a prompt, load it verified, prefill only the rest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvnet import artifact
+from kvnet.engine import KV, Engine
+from kvnet.store import Store
+
+
+def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int | None = None) -> KV:
+    """Load (the first n_tokens of) a stored artifact, verifying every piece against its manifest."""
+    m = store.get_manifest(manifest_id).manifest
+    kv = artifact.load_kv(m, engine, lambda i: store.read_piece(manifest_id, i, verify=False), n_tokens)
+    store.touch(manifest_id)
+    return kv
+
+
+@dataclass(frozen=True)
+class Answer:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    manifest_id: bytes | None
+    load_s: float
+    prefill_s: float  # prefill of the uncached rest of the prompt (and the first new token)
+    generate_s: float
+
+
+def answer(engine: Engine, store: Store, prompt: list[int], max_new_tokens: int,
+           stop_at_eos: bool = True) -> Answer:
+    """Greedy answer to `prompt`, reusing the longest stored prefix of it.
+
+    At most len(prompt) - 1 tokens are reused: the logits for the first new token come from the last
+    prompt position, which must be computed here.
+    """
+    t0 = time.perf_counter()
+    match = store.lookup(engine.model_id, prompt)
+    kv, mid, cached = None, None, 0
+    if match is not None:
+        mid, cached = match.manifest_id, min(match.n_tokens, len(prompt) - 1)
+        if cached > 0:
+            kv = load_prefix(engine, store, mid, cached)
+        else:
+            mid = None
+    t1 = time.perf_counter()
+    first = engine.generate_from(kv, prompt[cached:], 1)
+    t2 = time.perf_counter()
+    tokens = list(first.tokens)
+    if max_new_tokens > 1 and not (stop_at_eos and tokens[-1] == engine.tokenizer.eos_token_id):
+        rest = engine.generate_from(first.kv.prefix(len(prompt)), tokens[-1:], max_new_tokens - 1,
+                                    stop_at_eos=stop_at_eos)
+        tokens += rest.tokens
+    t3 = time.perf_counter()
+    return Answer(tokens, engine.tokenizer.decode(tokens), len(prompt), cached, mid, t1 - t0, t2 - t1, t3 - t2)
