@@ -25,7 +25,11 @@ from kvnet.engine import Engine, Generation
 from kvnet.tokenizer import Tokenizer
 
 SUFFIX_TEXT = "\n\nQuestion: what is the document above about? Answer in one sentence.\nAnswer:"
-_WORDS = ["the", "cache", "of", "keys", "and", "values", "grows", "with", "every", "token", "a", "model", "reads", "while", "prefill", "costs", "time", "attention", "compares", "each", "position", "with", "all", "earlier", "ones", "so", "long", "documents", "are", "expensive", "to", "read", "twice", "network", "peers", "share", "signed", "pieces", "verified", "by", "hash", "before", "use", "agents", "continue", "generation"]
+_WORDS = tuple(
+    "the cache of keys and values grows with every token a model reads while prefill costs time "
+    "attention compares each position with all earlier ones so long documents are expensive to read "
+    "twice network peers share signed pieces verified by hash before use agents continue generation".split()
+)
 
 
 def seeded_document(tokenizer: Tokenizer, n_tokens: int, seed: int = 0) -> list[int]:

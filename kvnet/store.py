@@ -243,7 +243,7 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO pieces VALUES (?,?)", (h, len(data)))
         return True
 
-    def read_piece(self, mid: bytes, index: int, verify: bool | None = None) -> bytes:
+    def read_piece(self, mid: bytes, index: int, verify: bool | None = None) -> bytearray:
         """Bytes of piece `index` of `mid`, if present. With `verify` (default: the store's
         verify_on_read) the bytes are re-hashed and a corrupt file is dropped from the index."""
         row = self.db.execute(
@@ -253,7 +253,10 @@ class Store:
             raise NotFoundError(f"piece {index} of {mid.hex()[:16]} is not in the store")
         h, size = row
         try:
-            data = self._piece_path(h).read_bytes()
+            with open(self._piece_path(h), "rb") as f:
+                data = bytearray(size)
+                got = f.readinto(data)
+            del data[got:]
         except FileNotFoundError as exc:
             self._forget_piece(h)
             raise NotFoundError(f"piece {index} of {mid.hex()[:16]} was removed") from exc
@@ -357,7 +360,9 @@ class Store:
             if by_key[key] == n:
                 hits.append((mid, n))
         # A document's partial last block: test the prompt's own key over the same token count.
-        matched_at = {mid: n for mid, n in hits}
+        matched_at: dict[bytes, int] = {}
+        for mid, n in hits:
+            matched_at[mid] = max(n, matched_at.get(mid, 0))
         tails = self.db.execute(
             "SELECT id, n_tokens FROM manifests WHERE model_id=? AND block_size=? AND n_tokens % block_size != 0 "
             "AND n_tokens <= ?", (model_id, bs, len(tokens))).fetchall()

@@ -1,0 +1,254 @@
+"""The `kvnet` command (offline part): keys, publish, list, show, verify, generate, exactness."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvnet import identity
+from kvnet.hashing import b3
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+DEFAULT_HOME = Path(os.environ.get("KVNET_HOME", Path.home() / ".kvnet"))
+Home = Annotated[Path, typer.Option("--home", envvar="KVNET_HOME", help="Node directory: key and store.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF folder, or tiny / qwen3-0.6b-shape / "
+                                        "qwen3-4b-shape.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (default) or fp32.")]
+
+
+def _fail(msg: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {msg}")
+    return typer.Exit(code=1)
+
+
+def _store(home: Path, verify_on_read: bool = False):
+    from kvnet.store import Store
+
+    return Store(home / "store", verify_on_read=verify_on_read)
+
+
+def _engine(model: str, dtype: str):
+    from kvnet.engine import Engine, EngineError
+    from kvnet.models import ModelRefError
+
+    with console.status(f"loading model {model} ({dtype})"):
+        try:
+            return Engine(model, dtype, progress=lambda s: console.print(s))
+        except (ModelRefError, EngineError) as exc:
+            raise _fail(str(exc)) from exc
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _resolve(store, ident: str) -> bytes:
+    from kvnet.store import StoreError
+
+    try:
+        return store.resolve_id(ident)
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
+def keygen(home: Home = DEFAULT_HOME, force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False):
+    """Create this node's Ed25519 identity key (mode 0600)."""
+    path = home / "identity.key"
+    try:
+        key = identity.generate(path, force=force)
+    except identity.IdentityError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(f"wrote {path}\npublic key {identity.public_bytes(key).hex()}")
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Text document to publish.")],
+    model: ModelOpt,
+    home: Home = DEFAULT_HOME,
+    dtype: DtypeOpt = "bf16",
+    title: Annotated[str | None, typer.Option(help="Title recorded in the manifest.")] = None,
+    url: Annotated[str | None, typer.Option(help="Source URL recorded in the manifest.")] = None,
+    price: Annotated[int, typer.Option(help="Price per load, integer micro-units.")] = 0,
+    currency: Annotated[str, typer.Option(help="Currency label of the price.")] = "USD",
+    ttl: Annotated[int, typer.Option(help="Seconds until the manifest expires (0: never).")] = 0,
+    block_size: Annotated[int, typer.Option(help="Tokens per chain block.")] = 256,
+):
+    """Tokenize, prefill, sign and store FILE's KV; print its manifest id and sizes."""
+    from kvnet.manifest import Terms
+    from kvnet.publish import publish_tokens
+
+    try:
+        key = identity.load(home / "identity.key")
+    except identity.IdentityError as exc:
+        raise _fail(str(exc)) from exc
+    text = file.read_text()
+    engine = _engine(model, dtype)
+    tokens = engine.tokenizer.encode(text)
+    if not tokens:
+        raise _fail(f"{file} holds no tokens")
+    source = {"title": title or file.name, "text_b3": b3(text.encode())}
+    if url:
+        source["url"] = url
+    n_layers = engine.layout.layers
+    with _progress() as prog, _store(home) as store:
+        t_pre = prog.add_task(f"prefill {len(tokens)} tokens", total=n_layers)
+        t_put = prog.add_task("store pieces", total=None)
+        res = publish_tokens(
+            engine, store, key, tokens, block_size=block_size, terms=Terms(price, currency), source=source,
+            ttl_seconds=ttl,
+            on_layer=lambda i: prog.update(t_pre, completed=i),
+            on_piece=lambda i, n: prog.update(t_put, completed=i, total=n),
+        )
+    m = res.signed.manifest
+    out.print(f"manifest  {res.manifest_id.hex()}")
+    out.print(f"tokens    {m.n_tokens}  ({len(m.chain)} blocks of {m.block_size})")
+    out.print(f"bytes     {m.total_bytes:,}  in {len(m.pieces)} pieces  ({m.bytes_per_token:,} B/token)")
+    out.print(f"time      prefill {res.prefill_s:.2f} s, total {res.total_s:.2f} s")
+
+
+@app.command("ls")
+def ls(home: Home = DEFAULT_HOME):
+    """List stored artifacts, most recently used first."""
+    with _store(home) as store:
+        entries = store.entries()
+    table = Table("title", "tokens", "MB", "pieces", "pinned", "last used")
+    table.add_column("id", no_wrap=True)
+    for e in entries:
+        table.add_row(e.title or "", str(e.n_tokens), f"{e.total_bytes / 1e6:.1f}",
+                      f"{e.present}/{e.n_pieces}", "yes" if e.pinned else "",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)), e.id.hex()[:16])
+    out.print(table)
+
+
+@app.command()
+def show(ident: Annotated[str, typer.Argument(help="Manifest id or unique prefix.")], home: Home = DEFAULT_HOME):
+    """Print a manifest as JSON (bytes as hex)."""
+    with _store(home) as store:
+        sm = store.get_manifest(_resolve(store, ident))
+        present = len(store.present_pieces(sm.id))
+    body = sm.manifest.body()
+
+    def hexify(v):
+        if isinstance(v, bytes):
+            return v.hex()
+        if isinstance(v, list):
+            return [hexify(x) for x in v]
+        if isinstance(v, dict):
+            return {k: hexify(x) for k, x in v.items()}
+        return v
+
+    print(json.dumps({"id": sm.id.hex(), "pieces_present": present, **hexify(body)}, indent=2))
+
+
+@app.command()
+def verify(ident: Annotated[str, typer.Argument(help="Manifest id or unique prefix.")], home: Home = DEFAULT_HOME):
+    """Re-check the manifest signature and every stored piece's hash."""
+    from kvnet.artifact import ArtifactError
+    from kvnet.store import NotFoundError
+
+    with _store(home) as store:
+        mid = _resolve(store, ident)
+        sm = store.get_manifest(mid)
+        bad, missing = [], []
+        for i in range(len(sm.manifest.pieces)):
+            try:
+                store.read_piece(mid, i, verify=True)
+            except NotFoundError:
+                missing.append(i)
+            except ArtifactError as exc:
+                bad.append(str(exc))
+    for line in bad:
+        console.print(f"[red]{line}[/red]")
+    n = len(sm.manifest.pieces)
+    out.print(f"signature ok; {n - len(bad) - len(missing)}/{n} pieces verified, {len(missing)} missing, "
+              f"{len(bad)} corrupt (dropped)")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def pin(ident: str, home: Home = DEFAULT_HOME, off: Annotated[bool, typer.Option("--off")] = False):
+    """Protect an artifact from eviction (or release it with --off)."""
+    with _store(home) as store:
+        store.pin(_resolve(store, ident), not off)
+
+
+@app.command()
+def generate(
+    model: ModelOpt,
+    prompt_file: Annotated[Path, typer.Option("--prompt-file", exists=True, dir_okay=False)],
+    home: Home = DEFAULT_HOME,
+    dtype: DtypeOpt = "bf16",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    baseline: Annotated[bool, typer.Option(help="Also run a full prefill to measure the time saved.")] = True,
+):
+    """Answer a prompt, reusing the longest stored KV prefix; report cached tokens and time saved."""
+    from kvnet.artifact import ArtifactError
+    from kvnet.reuse import answer
+
+    engine = _engine(model, dtype)
+    prompt = engine.tokenizer.encode(prompt_file.read_text())
+    if not prompt:
+        raise _fail("the prompt is empty")
+    with _store(home) as store:
+        try:
+            ans = answer(engine, store, prompt, max_new_tokens)
+        except ArtifactError as exc:
+            raise _fail(str(exc)) from exc
+    out.print(ans.text)
+    console.print(f"prompt_tokens {ans.prompt_tokens}  cached_tokens {ans.cached_tokens}  "
+                  f"(manifest {ans.manifest_id.hex()[:16] if ans.manifest_id else '-'})")
+    console.print(f"load {ans.load_s:.3f} s + prefill of the rest {ans.prefill_s:.3f} s; "
+                  f"generation {ans.generate_s:.3f} s")
+    if baseline and ans.cached_tokens:
+        t0 = time.perf_counter()
+        engine.generate_from(None, prompt, 1)
+        full = time.perf_counter() - t0
+        console.print(f"full prefill would take {full:.3f} s: saved {full - ans.load_s - ans.prefill_s:.3f} s "
+                      f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)")
+
+
+@app.command()
+def exactness(
+    model: ModelOpt = "tiny",
+    doc_tokens: Annotated[int, typer.Option("--doc-tokens")] = 300,
+    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 32,
+    dtype: DtypeOpt = "bf16",
+    seed: int = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
+):
+    """Publish a seeded document, reload it in a fresh process, and compare with prefill."""
+    from kvnet import exactness as exp
+
+    with console.status(f"exactness: {model} {dtype}, {doc_tokens} document tokens, {new_tokens} new"):
+        report = exp.run(model, doc_tokens, new_tokens, dtype, seed, progress=lambda s: console.print(s))
+    report.pop("tokens", None)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    ok = report["tokens_match"] == report["tokens_total"] and report["max_logit_diff"] == 0.0
+    out.print(f"[bold]{model}[/bold] {dtype}: document {doc_tokens} tokens, artifact "
+              f"{report['artifact_bytes']:,} B ({report['bytes_per_token']:,} B/token)")
+    out.print(f"loaded KV vs prefill-then-continue: {report['tokens_match']}/{report['tokens_total']} tokens, "
+              f"max |logit diff| {report['max_logit_diff']:.3g}  ({'exact' if ok else 'NOT EXACT'})")
+    out.print(f"loaded KV vs one-shot prefill:      {report['oneshot_tokens_match']}/{report['tokens_total']} "
+              f"tokens, max |logit diff| {report['oneshot_max_logit_diff']:.3g}")
+    out.print(f"load {report['load_s']:.3f} s vs prefill {report['prefill_s']:.3f} s")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,74 @@
+"""Reused KV must be as good as computing it: bitwise versus prefill-then-continue, and (fp32) every
+token versus a one-shot prefill of document + suffix."""
+
+import pytest
+import torch
+
+from kvnet import exactness
+from kvnet.publish import publish_tokens
+from kvnet.reuse import load_prefix
+from tests.conftest import random_tokens
+
+LENGTHS = [1, 100, 256, 300, 513, 1030]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_stored_kv_is_bitwise_prefill(request, dtype, n, store, key):
+    engine = request.getfixturevalue(f"tiny_{dtype}")
+    doc, suffix = random_tokens(n, seed=n), random_tokens(7, seed=n + 1)
+    pub = publish_tokens(engine, store, key, doc, piece_size=4096)  # small pieces: segments straddle them
+    loaded = load_prefix(engine, store, pub.manifest_id)
+    own = engine.prefill(doc)
+    for a, b in zip(loaded.keys + loaded.values, own.keys + own.values, strict=True):
+        assert torch.equal(a, b)
+    a = engine.generate_from(loaded, suffix, 24, return_logits=True)
+    b = engine.generate_from(own, suffix, 24, return_logits=True)
+    assert a.tokens == b.tokens
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
+    c = engine.generate_from(None, doc + suffix, 24, return_logits=True)
+    if dtype == "fp32":
+        assert a.tokens == c.tokens
+        assert exactness.max_logit_diff(a, c) < 1e-4
+    # the random continuation is not degenerate (an exactness test on one repeated token means nothing)
+    assert len(set(a.tokens)) > 1
+
+
+def test_generate_from_never_mutates_the_callers_kv(tiny_fp32):
+    doc = random_tokens(300, seed=3)
+    kv = tiny_fp32.prefill(doc)
+    before = [t.clone() for t in kv.keys + kv.values]
+    g1 = tiny_fp32.generate_from(kv, [1, 2, 3], 8)
+    g2 = tiny_fp32.generate_from(kv, [1, 2, 3], 8)
+    assert g1.tokens == g2.tokens
+    assert kv.n_tokens == 300
+    assert all(torch.equal(x, y) for x, y in zip(before, kv.keys + kv.values, strict=True))
+
+
+def test_pad_token_inside_a_document_is_not_padding(tiny_fp32):
+    pad = tiny_fp32.tokenizer.pad_token_id
+    doc = [pad] * 5 + random_tokens(50, seed=4) + [pad] * 3
+    kv = tiny_fp32.prefill(doc)
+    a = tiny_fp32.generate_from(kv, [10, 11], 8, return_logits=True)
+    c = tiny_fp32.generate_from(None, doc + [10, 11], 8, return_logits=True)
+    assert a.tokens == c.tokens
+    assert exactness.max_logit_diff(a, c) < 1e-4
+
+
+def test_prefix_of_kv_continues_like_prefill_of_prefix(tiny_fp32):
+    doc = random_tokens(400, seed=5)
+    full = tiny_fp32.prefill(doc)
+    part = tiny_fp32.prefill(doc[:137])
+    a = tiny_fp32.generate_from(full.prefix(137), doc[137:140], 6, return_logits=True)
+    b = tiny_fp32.generate_from(part, doc[137:140], 6, return_logits=True)
+    assert a.tokens == b.tokens
+    assert exactness.max_logit_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_exactness_experiment_in_a_fresh_process(dtype):
+    r = exactness.run("tiny", 300, 32, dtype)
+    assert (r["tokens_match"], r["tokens_total"], r["max_logit_diff"]) == (32, 32, 0.0)
+    assert r["kv_bitwise_equal"] is True
+    if dtype == "fp32":
+        assert r["oneshot_tokens_match"] == 32
