@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -176,7 +177,9 @@ def load_kv(
                 hi = min(seg.offset + size, (i + 1) * m.piece_size) - i * m.piece_size
                 parts.append(bytes(memoryview(piece(i))[lo:hi]))
             raw = bytearray(b"".join(parts))
-        src = torch.frombuffer(raw, dtype=dtype).view(lay.kv_heads, seg.length, lay.head_dim)
+        with warnings.catch_warnings():  # read-only source bytes are fine: we only ever read from them
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            src = torch.frombuffer(raw, dtype=dtype).view(lay.kv_heads, seg.length, lay.head_dim)
         take = min(seg.length, n - seg.start)
         dst = (keys if seg.kind == 0 else values)[seg.layer][0, :, seg.start : seg.start + take]
         dst.copy_(src[:, :take])

@@ -1,0 +1,207 @@
+"""The local store: crash safety with real SIGKILLs, resume, LRU eviction, pins, capacity, readers."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kvnet import artifact, identity
+from kvnet.artifact import ArtifactError
+from kvnet.hashing import b3
+from kvnet.manifest import Manifest, Terms
+from kvnet.store import NotFoundError, Store, StoreFullError
+
+WRITER = r"""
+import sys
+from pathlib import Path
+from tests.test_store import fake_artifact
+from kvnet.store import Store
+root, seed, mb = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+sm, pieces = fake_artifact(seed, mb)
+with Store(root) as store:
+    store.put_manifest(sm.raw)
+    missing = store.missing_pieces(sm.id)
+    print("start", len(missing), flush=True)
+    for i in missing:
+        store.put_piece(sm.id, i, pieces[i])
+        print("piece", i, flush=True)
+print("done", flush=True)
+"""
+
+_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20):
+    """A signed manifest over `mb` MiB of seeded bytes, shaped like tiny-bf16 KV (256 B/token)."""
+    data = random.Random(seed).randbytes(mb << 20)
+    n_tokens = len(data) // 256
+    m = Manifest(
+        model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=(2, 2, 16),
+        n_tokens=n_tokens, block_size=256, chain=tuple(bytes([seed % 256, i % 256]) * 16
+                                                      for i in range(-(-n_tokens // 256))),
+        piece_size=piece_size, pieces=tuple(b3(p) for p in artifact.split_pieces(memoryview(data),
+                                                                                       piece_size)),
+        total_bytes=len(data), publisher=identity.public_bytes(_KEY), terms=Terms(), created=1, expires=0,
+        source={"title": f"fake {seed}"},
+    )
+    return m.sign(_KEY), [bytes(p) for p in artifact.split_pieces(memoryview(data), piece_size)]
+
+
+def _writer(root: Path, seed: int, mb: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(seed), str(mb)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("kill_after", [1, 7, 19])
+def test_sigkill_mid_write_then_restart_and_resume(tmp_path, kill_after):
+    root = tmp_path / "store"
+    proc = _writer(root, seed=1, mb=32)
+    done = 0
+    for line in proc.stdout:
+        if line.startswith("piece"):
+            done += 1
+            if done == kill_after:
+                time.sleep(random.Random(kill_after).random() * 0.02)  # land inside a later write
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    sm, pieces = fake_artifact(1, 32)
+    with Store(root) as store:  # opening recovers
+        assert store.check() == []
+        assert not list((root / "tmp").iterdir())
+        present = store.present_pieces(sm.id)
+        assert kill_after <= len(present) < len(pieces)
+        for i in present:  # whatever the index serves is the right bytes
+            assert store.read_piece(sm.id, i, verify=True) == pieces[i]
+        missing = store.missing_pieces(sm.id)
+        assert sorted(present | set(missing)) == list(range(len(pieces)))
+
+    # a restarted writer resumes: it writes only what was missing
+    proc = _writer(root, seed=1, mb=32)
+    lines = proc.stdout.read().splitlines()
+    assert proc.wait() == 0
+    assert lines[0] == f"start {len(missing)}"
+    with Store(root) as store:
+        assert store.missing_pieces(sm.id) == []
+        assert store.check() == []
+
+
+def test_orphan_files_are_adopted_or_dropped(tmp_path):
+    sm, pieces = fake_artifact(2, 2)
+    with Store(tmp_path) as store:
+        store.put_manifest(sm.raw)
+    # a crash after rename but before indexing leaves a valid, unindexed file; junk is dropped
+    p0 = tmp_path / "pieces" / sm.manifest.pieces[0].hex()[:2] / sm.manifest.pieces[0].hex()
+    p0.parent.mkdir(parents=True, exist_ok=True)
+    p0.write_bytes(pieces[0])
+    junk = tmp_path / "pieces" / "ab" / ("ab" * 32)
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_bytes(b"junk")
+    (tmp_path / "tmp" / "999999999-dead").write_bytes(b"half")
+    with Store(tmp_path) as store:
+        assert store.present_pieces(sm.id) == {0}
+        assert not junk.exists()
+        assert store.check() == []
+
+
+def test_corrupt_file_on_disk_is_caught_by_verify_on_read(tmp_path):
+    sm, pieces = fake_artifact(3, 2)
+    with Store(tmp_path, verify_on_read=True) as store:
+        store.put_manifest(sm.raw)
+        for i, p in enumerate(pieces):
+            store.put_piece(sm.id, i, p)
+        path = tmp_path / "pieces" / sm.manifest.pieces[1].hex()[:2] / sm.manifest.pieces[1].hex()
+        b = bytearray(path.read_bytes())
+        b[5] ^= 1
+        path.write_bytes(b)
+        assert store.check() != []
+        with pytest.raises(ArtifactError, match="corrupt"):
+            store.read_piece(sm.id, 1)
+        assert store.missing_pieces(sm.id) == [1]  # dropped, so a fetch will replace it
+        assert store.check() == []
+
+
+def _fill(store, seed, mb=1):
+    sm, pieces = fake_artifact(seed, mb)
+    store.put_manifest(sm.raw)
+    for i, p in enumerate(pieces):
+        store.put_piece(sm.id, i, p)
+    return sm.id
+
+
+def test_lru_eviction_never_removes_pinned(tmp_path):
+    with Store(tmp_path, capacity_bytes=3 << 20) as store:
+        a = _fill(store, 10)
+        store.pin(a)
+        b = _fill(store, 11)
+        c = _fill(store, 12)
+        store.touch(b)  # b is now more recent than c
+        d = _fill(store, 13)  # needs room: evicts c (LRU unpinned), never a
+        ids = {e.id for e in store.entries()}
+        assert ids == {a, b, d} and c not in ids
+        assert store.usage() <= 3 << 20
+        e = _fill(store, 14)
+        assert {x.id for x in store.entries()} == {a, d, e}
+        store.pin(d)
+        store.pin(e)
+        sm, pieces = fake_artifact(15, 1)
+        store.put_manifest(sm.raw)
+        with pytest.raises(StoreFullError, match="nothing unpinned"):
+            store.put_piece(sm.id, 0, pieces[0])
+        assert store.check() == []  # a refused write loses nothing
+        assert {x.id for x in store.entries() if x.complete} == {a, d, e}
+
+
+def test_shared_pieces_survive_removal_of_one_manifest(tmp_path):
+    """Two publishers of the same bytes share piece files; removing one keeps the other whole."""
+    sm, pieces = fake_artifact(4, 1)
+    other = Ed25519PrivateKey.generate()
+    import dataclasses
+    sm2 = dataclasses.replace(sm.manifest, publisher=identity.public_bytes(other)).sign(other)
+    with Store(tmp_path) as store:
+        store.put_manifest(sm.raw)
+        store.put_manifest(sm2.raw)
+        store.put_piece(sm.id, 0, pieces[0])
+        assert store.missing_pieces(sm2.id) == []
+        store.remove(sm.id)
+        assert store.read_piece(sm2.id, 0, verify=True) == pieces[0]
+        with pytest.raises(NotFoundError):
+            store.get_manifest(sm.id)
+
+
+READER = r"""
+import sys
+from pathlib import Path
+from tests.test_store import fake_artifact
+from kvnet.store import Store
+sm, pieces = fake_artifact(5, 4)
+with Store(Path(sys.argv[1]), verify_on_read=True) as store:
+    for _ in range(5):
+        for i in range(len(pieces)):
+            assert store.read_piece(sm.id, i) == pieces[i]
+print("ok")
+"""
+
+
+def test_several_reader_processes_while_a_writer_writes(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, 5, 4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(tmp_path)], stdout=subprocess.PIPE,
+                                text=True, env=env) for _ in range(3)]
+    writer = _writer(tmp_path, seed=6, mb=8)
+    assert writer.wait() == 0
+    for r in readers:
+        assert r.communicate()[0].strip() == "ok"
+    with Store(tmp_path) as store:
+        assert store.check() == []
+        assert all(e.complete for e in store.entries())
