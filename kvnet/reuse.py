@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -9,10 +10,15 @@ from kvnet import artifact
 from kvnet.engine import KV, Engine
 from kvnet.store import Store
 
+log = logging.getLogger("kvnet.reuse")
+
 
 def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int | None = None) -> KV:
     """Load (the first n_tokens of) a stored artifact, verifying every piece against its manifest."""
     m = store.get_manifest(manifest_id).manifest
+    if m.profile != engine.profile:
+        log.warning("artifact %s was computed under profile %s, this engine runs %s: expect rounding-level "
+                    "differences, not bitwise exactness", manifest_id.hex()[:16], m.profile, engine.profile)
     kv = artifact.load_kv(m, engine, lambda i: store.read_piece(manifest_id, i, verify=False), n_tokens)
     store.touch(manifest_id)
     return kv

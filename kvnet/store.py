@@ -115,6 +115,7 @@ class Store:
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self.verify_on_read = verify_on_read
+        self._manifests: dict[bytes, SignedManifest] = {}  # parsed and verified; immutable by id
         for sub in ("manifests", "pieces", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
@@ -205,7 +206,10 @@ class Store:
 
     def get_manifest(self, mid: bytes) -> SignedManifest:
         if self._manifest_row(mid) is None:
+            self._manifests.pop(mid, None)
             raise NotFoundError(f"no manifest {mid.hex()} in the store")
+        if mid in self._manifests:
+            return self._manifests[mid]
         try:
             raw = self._manifest_path(mid).read_bytes()
         except FileNotFoundError as exc:
@@ -213,6 +217,7 @@ class Store:
         sm = parse(raw, allow_expired=True)
         if sm.id != mid:
             raise StoreError(f"manifest file for {mid.hex()} holds {sm.id.hex()}")
+        self._manifests[mid] = sm
         return sm
 
     def resolve_id(self, prefix: str) -> bytes:

@@ -3,14 +3,19 @@ subprocesses inherit it through the environment."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("KVNET_CACHE_DIR", tempfile.mkdtemp(prefix="kvnet-test-cache-"))
+if "KVNET_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kvnet-test-cache-")
+    os.environ["KVNET_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
