@@ -88,6 +88,7 @@ def run_worker(model: str, dtype: str, store_dir: Path, manifest_id: bytes, doc_
         "suffix_tokens": len(suffix),
         "load_s": round(load_s, 4),
         "prefill_s": round(prefill_s, 4),
+        "distinct_tokens": len(set(a.tokens)),
         "tokens": a.tokens,
     }
 

@@ -144,10 +144,13 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise StoreFullError(f"disk full while updating the index: {exc}; nothing was changed") from exc
             raise
-        self.db.execute("COMMIT")
 
     def _piece_path(self, h: bytes) -> Path:
         x = h.hex()

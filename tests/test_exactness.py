@@ -72,3 +72,23 @@ def test_exactness_experiment_in_a_fresh_process(dtype):
     assert r["kv_bitwise_equal"] is True
     if dtype == "fp32":
         assert r["oneshot_tokens_match"] == 32
+
+
+def test_a_prefix_of_blocks_loads_from_the_first_pieces_alone(tiny_bf16, store, key):
+    from kvnet import artifact
+
+    doc = random_tokens(15 * 256, seed=8)
+    pub = publish_tokens(tiny_bf16, store, key, doc, piece_size=16384)
+    m = pub.signed.manifest
+    read = []
+
+    def reader(i):
+        read.append(i)
+        return store.read_piece(pub.manifest_id, i)
+
+    kv = artifact.load_kv(m, tiny_bf16, reader, 2 * 256)
+    assert kv.n_tokens == 512
+    assert sorted(set(read)) == list(m.pieces_for_tokens(512))
+    assert len(set(read)) == -(-(2 * 256 * m.bytes_per_token) // m.piece_size) < len(m.pieces) // 5
+    full = tiny_bf16.prefill(doc).prefix(512)
+    assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, full.keys + full.values, strict=True))

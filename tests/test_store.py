@@ -205,3 +205,32 @@ def test_several_reader_processes_while_a_writer_writes(tmp_path):
     with Store(tmp_path) as store:
         assert store.check() == []
         assert all(e.complete for e in store.entries())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs), so a full disk is a real ENOSPC, not a mock."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_gives_a_clear_error_and_loses_nothing(small_disk):
+    sm, pieces = fake_artifact(7, 6)  # 6 MiB of pieces for a 4 MiB disk
+    written = []
+    with Store(small_disk / "store") as store:
+        store.put_manifest(sm.raw)
+        with pytest.raises(StoreFullError, match="disk full"):
+            for i, p in enumerate(pieces):
+                store.put_piece(sm.id, i, p)
+                written.append(i)
+        assert written and len(written) < len(pieces)
+        assert not list((small_disk / "store" / "tmp").iterdir())
+    with Store(small_disk / "store") as store:  # reopen: everything written before is intact
+        assert store.check() == []
+        assert sorted(store.present_pieces(sm.id)) == written
+        assert all(store.read_piece(sm.id, i, verify=True) == pieces[i] for i in written)
