@@ -118,7 +118,10 @@ class Store:
         self._manifests: dict[bytes, SignedManifest] = {}  # parsed and verified; immutable by id
         for sub in ("manifests", "pieces", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        # check_same_thread=False: network code calls the store from worker threads, one call at a
+        # time (the caller serializes; see kvnet.p2p.server.StoreRunner).
+        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None,
+                                  check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -222,6 +225,15 @@ class Store:
             raise StoreError(f"manifest file for {mid.hex()} holds {sm.id.hex()}")
         self._manifests[mid] = sm
         return sm
+
+    def manifests_for_key(self, key: bytes, limit: int = 8) -> list[bytes]:
+        """Manifests whose id is `key`, or that have `key` as a chain key (most recently used first)."""
+        if self._manifest_row(key) is not None:
+            return [key]
+        rows = self.db.execute(
+            "SELECT c.manifest_id FROM chain c JOIN manifests m ON m.id = c.manifest_id WHERE c.key=? "
+            "ORDER BY m.last_used DESC LIMIT ?", (key, limit)).fetchall()
+        return [r[0] for r in rows]
 
     def resolve_id(self, prefix: str) -> bytes:
         """A full manifest id from a unique hex prefix (for the CLI)."""

@@ -1,0 +1,244 @@
+"""Parallel, multi-provider, verified piece fetching.
+
+Pieces are assigned across providers in batches; each provider gets `window` concurrent requests
+(pipelining). When nothing is left to assign, idle workers re-request pieces still in flight
+elsewhere (endgame), and the first verified copy wins. Every piece is verified against the signed
+manifest (length, then BLAKE3) by `Store.put_piece` before it is written; a provider that sends a bad
+piece, a wrong length, a protocol violation or nothing before the timeout is dropped for this fetch,
+scored down persistently, and its pieces go back to the pool for the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from kvnet.artifact import ArtifactError
+from kvnet.manifest import SignedManifest
+from kvnet.p2p import wire
+from kvnet.p2p.scores import PeerScores
+from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
+
+log = logging.getLogger("kvnet.p2p.fetcher")
+
+OpenStream = Callable[[str, str], Awaitable[Any]]
+
+
+class FetchError(Exception):
+    """The fetch could not complete: every provider failed or nobody has some pieces."""
+
+
+@dataclass
+class Provider:
+    peer: str  # base58 peer id
+    have: set[int]
+    dropped: str | None = None  # why, once dropped
+    pieces: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class FetchResult:
+    manifest_id: bytes
+    fetched: int
+    already_had: int
+    bytes: int
+    seconds: float
+    providers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Drop(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class Fetch:
+    """One fetch of a set of pieces of one manifest."""
+
+    def __init__(self, signed: SignedManifest, needed: list[int], providers: list[Provider], runner: StoreRunner,
+                 open_stream: OpenStream, scores: PeerScores, *, window: int = 4, batch: int = 8,
+                 timeout: float = 10.0, on_piece: Callable[[int, int], None] | None = None) -> None:
+        self.sm, self.m = signed, signed.manifest
+        self.pending = set(needed)
+        self.total = len(self.pending)
+        self.providers = providers
+        self.runner, self.open_stream, self.scores = runner, open_stream, scores
+        self.window, self.batch, self.timeout = window, batch, timeout
+        self.on_piece = on_piece
+        self.in_flight: dict[int, set[str]] = {}  # piece -> peers asked for it
+        self.changed = trio.Event()
+        self.fetched = 0
+        self.bytes = 0
+
+    # -- assignment -----------------------------------------------------------------------------
+
+    def _take(self, p: Provider) -> list[int]:
+        """Next batch for `p`: unassigned pieces it has, else (endgame) pieces in flight elsewhere."""
+        fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)[: self.batch]
+        if not fresh:  # endgame: duplicate a little of what others are still sending
+            fresh = sorted(i for i in self.pending if i in p.have and p.peer not in self.in_flight.get(i, ()))
+            fresh = fresh[: max(1, self.batch // 4)]
+        for i in fresh:
+            self.in_flight.setdefault(i, set()).add(p.peer)
+        return fresh
+
+    def _release(self, p: Provider, pieces: list[int]) -> None:
+        for i in pieces:
+            askers = self.in_flight.get(i)
+            if askers is not None:
+                askers.discard(p.peer)
+                if not askers:
+                    del self.in_flight[i]
+        self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _anyone_can_help(self) -> bool:
+        live = [p for p in self.providers if p.dropped is None]
+        return all(any(i in p.have for p in live) for i in self.pending)
+
+    # -- transfer -------------------------------------------------------------------------------
+
+    async def _request(self, p: Provider, pieces: list[int]) -> None:
+        """Ask `p` for `pieces` on one stream and store what verifies."""
+        remaining = set(pieces)
+        with trio.fail_after(self.timeout):
+            stream = await self.open_stream(p.peer, PIECES_PROTOCOL)
+        try:
+            ranges = _ranges(pieces)
+            with trio.fail_after(self.timeout):
+                await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "manifest": self.sm.id,
+                                                "ranges": ranges, "receipt": None})
+            while True:
+                with trio.fail_after(self.timeout):
+                    head = await wire.read_frame(stream, wire.MAX_REQUEST)
+                if head.get("done") is True:
+                    break
+                if "err" in head and "i" not in head:
+                    raise _Drop("protocol", f"peer refused: {head.get('err')} {head.get('msg', '')}")
+                i = wire.field(head, "i", int)
+                if i not in remaining:
+                    raise _Drop("protocol", f"unrequested or repeated piece {i}")
+                if head.get("err") == "missing":
+                    remaining.discard(i)
+                    p.have.discard(i)
+                    self._release(p, [i])
+                    continue
+                n = wire.field(head, "n", int)
+                if n != self.m.piece_len(i):
+                    raise _Drop("bad_length", f"piece {i}: {n} bytes announced, manifest says {self.m.piece_len(i)}")
+                with trio.fail_after(self.timeout):
+                    data = await wire.read_exact(stream, n)
+                await self._accept(p, i, data)  # on a bad piece, `finally` returns i to the pool
+                remaining.discard(i)
+            if remaining:
+                raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
+        except wire.WireError as exc:
+            raise _Drop("protocol" if exc.code != "eof" else "timeout", str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise _Drop("timeout", f"no data within {self.timeout} s") from exc
+        finally:
+            self._release(p, sorted(remaining))
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _accept(self, p: Provider, i: int, data: bytearray) -> None:
+        if i not in self.pending:  # endgame duplicate that lost the race
+            self._release(p, [i])
+            return
+        try:
+            await self.runner.call(self.runner.store.put_piece, self.sm.id, i, data)
+        except ArtifactError as exc:
+            raise _Drop("bad_piece", str(exc)) from exc
+        if i in self.pending:
+            self.pending.discard(i)
+            self.fetched += 1
+            self.bytes += len(data)
+            p.pieces += 1
+            p.bytes += len(data)
+            if self.on_piece:
+                self.on_piece(self.total - len(self.pending), self.total)
+        self.in_flight.pop(i, None)
+        self._wake()
+
+    async def _worker(self, p: Provider) -> None:
+        while self.pending and p.dropped is None:
+            pieces = self._take(p)
+            if not pieces:
+                if not any(i in p.have for i in self.pending):
+                    return
+                await self.changed.wait()
+                continue
+            try:
+                await self._request(p, pieces)
+            except _Drop as exc:
+                self._drop(p, exc.reason, str(exc))
+            except Exception as exc:  # noqa: BLE001 - dial failures, resets: the peer is unusable now
+                self._drop(p, "unreachable", repr(exc))
+
+    def _drop(self, p: Provider, reason: str, detail: str) -> None:
+        if p.dropped is None:
+            p.dropped = reason
+            score = self.scores.bad(p.peer, reason)
+            log.warning("dropping provider %s for this fetch (%s; score now %.1f): %s", p.peer, reason, score, detail)
+        self._wake()
+
+    async def run(self) -> None:
+        ordered = self.scores.rank([p.peer for p in self.providers])
+        by_peer = {p.peer: p for p in self.providers}
+        self.providers = [by_peer[x] for x in ordered]
+        usable = [p for p in self.providers if not self.scores.avoided(p.peer)] or self.providers
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, nursery)
+            for p in usable:
+                for _ in range(self.window):
+                    nursery.start_soon(self._worker, p)
+
+    async def _watch(self, nursery: trio.Nursery) -> None:
+        """Stop when done, or when the live providers cannot supply what is left."""
+        while self.pending and self._anyone_can_help():
+            await self.changed.wait()
+        nursery.cancel_scope.cancel()
+
+
+def _ranges(pieces: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(pieces):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+async def fetch_pieces(signed: SignedManifest, needed: list[int], providers: list[Provider], runner: StoreRunner,
+                       open_stream: OpenStream, scores: PeerScores, **kw: Any) -> FetchResult:
+    """Fetch `needed` pieces (minus those already stored) from `providers`; raise FetchError if incomplete."""
+    t0 = time.perf_counter()
+    have = await runner.call(runner.store.present_pieces, signed.id)
+    todo = [i for i in needed if i not in have]
+    f = Fetch(signed, todo, providers, runner, open_stream, scores, **kw)
+    if todo:
+        await f.run()
+    seconds = time.perf_counter() - t0
+    for p in f.providers:
+        if p.dropped is None and p.pieces:
+            scores.good(p.peer, p.pieces)
+    stats = {p.peer: {"pieces": p.pieces, "bytes": p.bytes, "dropped": p.dropped} for p in f.providers}
+    if f.pending:
+        raise FetchError(f"{len(f.pending)} of {len(todo)} pieces could not be fetched "
+                         f"(providers: {stats})")
+    return FetchResult(signed.id, f.fetched, len(needed) - len(todo), f.bytes, seconds, stats)

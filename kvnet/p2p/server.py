@@ -1,0 +1,167 @@
+"""Serving side of `/kvnet/offer/1.0.0` and `/kvnet/pieces/1.0.0` (docs/protocol.md).
+
+Handlers never let an exception escape: a peer that sends garbage gets an error frame (or a reset
+stream) and the node keeps serving everyone else. Store calls run in a worker thread, one at a time,
+so disk I/O and hashing never stall the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from kvnet.p2p import wire
+from kvnet.store import NotFoundError, Store
+
+OFFER_PROTOCOL = "/kvnet/offer/1.0.0"
+PIECES_PROTOCOL = "/kvnet/pieces/1.0.0"
+REQUEST_TIMEOUT = 10.0
+MAX_OFFERS = 8
+MAX_PIECES_PER_REQUEST = 64
+MAX_RANGES = 16
+
+log = logging.getLogger("kvnet.p2p.server")
+T = TypeVar("T")
+
+
+class StoreRunner:
+    """Runs store calls in a worker thread, serialized (SQLite connection + disk I/O off the loop)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.limiter = trio.CapacityLimiter(1)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+
+@dataclass
+class HostingTerms:
+    """What this node charges for hosting (payments will enforce it; the protocol already carries it)."""
+
+    fee_per_mib: int = 0
+    currency: str = "USD"
+
+
+def _peer(stream: Any) -> str:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except Exception:  # noqa: BLE001 - only for logs
+        return "?"
+
+
+async def _finish(stream: Any, ok: bool) -> None:
+    try:
+        if ok:
+            await stream.close()
+        else:
+            await stream.reset()
+    except Exception:  # noqa: BLE001 - the peer may be gone already
+        pass
+
+
+class PieceServer:
+    def __init__(self, runner: StoreRunner, terms: HostingTerms | None = None) -> None:
+        self.runner = runner
+        self.terms = terms or HostingTerms()
+        self.served_pieces = 0
+        self.served_bytes = 0
+
+    async def _guard(self, stream: Any, name: str, body: Callable[[Any], Any]) -> None:
+        """Run a handler body; turn every failure into an error frame or a reset, never an escape."""
+        ok = False
+        try:
+            await body(stream)
+            ok = True
+        except wire.WireError as exc:
+            log.info("%s from %s: %s", name, _peer(stream), exc)
+            await self._try_send(stream, wire.error(exc.code, exc.msg))
+        except trio.TooSlowError:
+            log.info("%s from %s: request timed out", name, _peer(stream))
+        except Exception as exc:  # noqa: BLE001 - a handler must never leak an exception
+            log.warning("%s from %s failed: %r", name, _peer(stream), exc)
+            await self._try_send(stream, wire.error("internal", type(exc).__name__))
+        finally:
+            await _finish(stream, ok)
+
+    @staticmethod
+    async def _try_send(stream: Any, msg: dict) -> None:
+        try:
+            with trio.move_on_after(2):
+                await wire.write_frame(stream, msg)
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
+
+    async def handle_offer(self, stream: Any) -> None:
+        await self._guard(stream, "offer", self._offer)
+
+    async def _offer(self, stream: Any) -> None:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        key = wire.field(req, "key", bytes, size=32)
+        offers = await self.runner.call(self._offers_for, key)
+        await wire.write_frame(stream, {
+            "v": wire.PROTOCOL_VERSION, "offers": offers,
+            "fee_per_mib": self.terms.fee_per_mib, "currency": self.terms.currency,
+        })
+
+    def _offers_for(self, key: bytes) -> list[dict]:
+        store = self.runner.store
+        out = []
+        for mid in store.manifests_for_key(key, MAX_OFFERS):
+            try:
+                sm = store.get_manifest(mid)
+            except NotFoundError:
+                continue
+            have = store.present_pieces(mid)
+            out.append({"manifest": sm.raw, "have": wire.bitfield(have, len(sm.manifest.pieces))})
+        return out
+
+    # -- /kvnet/pieces/1.0.0 --------------------------------------------------------------------
+
+    async def handle_pieces(self, stream: Any) -> None:
+        await self._guard(stream, "pieces", self._pieces)
+
+    async def _pieces(self, stream: Any) -> None:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        mid = wire.field(req, "manifest", bytes, size=32)
+        indices = self._indices(wire.field(req, "ranges", list))
+        try:
+            sm = await self.runner.call(self.runner.store.get_manifest, mid)
+        except NotFoundError as exc:
+            raise wire.WireError("unknown_manifest", f"no manifest {mid.hex()[:16]} here") from exc
+        n = len(sm.manifest.pieces)
+        if any(i >= n for i in indices):
+            raise wire.WireError("bad_range", f"piece index out of range (manifest has {n} pieces)")
+        for i in indices:
+            try:
+                data = await self.runner.call(self.runner.store.read_piece, mid, i)
+            except NotFoundError:
+                await wire.write_frame(stream, {"i": i, "err": "missing"})
+                continue
+            await wire.write_frame(stream, {"i": i, "n": len(data)})
+            await stream.write(bytes(data))
+            self.served_pieces += 1
+            self.served_bytes += len(data)
+        await wire.write_frame(stream, {"done": True})
+
+    @staticmethod
+    def _indices(ranges: list) -> list[int]:
+        if not ranges or len(ranges) > MAX_RANGES:
+            raise wire.WireError("bad_range", f"1..{MAX_RANGES} ranges per request")
+        out: list[int] = []
+        for r in ranges:
+            if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in r) or not 0 <= r[0] < r[1]):
+                raise wire.WireError("bad_range", "a range is [start, end) with 0 <= start < end")
+            out.extend(range(r[0], min(r[1], r[0] + MAX_PIECES_PER_REQUEST + 1)))
+            if len(out) > MAX_PIECES_PER_REQUEST:
+                raise wire.WireError("too_large", f"at most {MAX_PIECES_PER_REQUEST} pieces per request")
+        return out
