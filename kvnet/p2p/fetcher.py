@@ -140,14 +140,17 @@ class Fetch:
                 n = wire.field(head, "n", int)
                 if n != self.m.piece_len(i):
                     raise _Drop("bad_length", f"piece {i}: {n} bytes announced, manifest says {self.m.piece_len(i)}")
-                with trio.fail_after(self.timeout):
-                    data = await wire.read_exact(stream, n)
+                try:
+                    with trio.fail_after(self.timeout):
+                        data = await wire.read_exact(stream, n)
+                except wire.WireError as exc:
+                    raise _Drop("bad_length", f"piece {i}: {exc}") from exc
                 await self._accept(p, i, data)  # on a bad piece, `finally` returns i to the pool
                 remaining.discard(i)
             if remaining:
                 raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
         except wire.WireError as exc:
-            raise _Drop("protocol" if exc.code != "eof" else "timeout", str(exc)) from exc
+            raise _Drop("protocol", str(exc)) from exc
         except trio.TooSlowError as exc:
             raise _Drop("timeout", f"no data within {self.timeout} s") from exc
         finally:
@@ -175,7 +178,7 @@ class Fetch:
         self._wake()
 
     async def _worker(self, p: Provider) -> None:
-        while self.pending and p.dropped is None:
+        while self.pending and p.dropped is None and self._anyone_can_help():
             pieces = self._take(p)
             if not pieces:
                 if not any(i in p.have for i in self.pending):
@@ -196,22 +199,34 @@ class Fetch:
             log.warning("dropping provider %s for this fetch (%s; score now %.1f): %s", p.peer, reason, score, detail)
         self._wake()
 
-    async def run(self) -> None:
+    async def run(self, background: trio.Nursery | None = None) -> None:
+        """Run until every piece is stored or nobody live can supply what is left.
+
+        With a `background` nursery (a node's), requests still in flight when the fetch completes
+        (endgame duplicates, a stalled peer) are left to finish or time out there: the caller gets
+        its result at once, and a peer that stalled is still detected and scored down.
+        """
         ordered = self.scores.rank([p.peer for p in self.providers])
         by_peer = {p.peer: p for p in self.providers}
         self.providers = [by_peer[x] for x in ordered]
         usable = [p for p in self.providers if not self.scores.avoided(p.peer)] or self.providers
+        if background is not None:
+            for p in usable:
+                for _ in range(self.window):
+                    background.start_soon(self._worker, p)
+            await self._until_settled()
+            self._wake()  # idle workers see that nothing is pending and exit
+            return
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, nursery)
             for p in usable:
                 for _ in range(self.window):
                     nursery.start_soon(self._worker, p)
+            await self._until_settled()
+            nursery.cancel_scope.cancel()
 
-    async def _watch(self, nursery: trio.Nursery) -> None:
-        """Stop when done, or when the live providers cannot supply what is left."""
+    async def _until_settled(self) -> None:
         while self.pending and self._anyone_can_help():
             await self.changed.wait()
-        nursery.cancel_scope.cancel()
 
 
 def _ranges(pieces: list[int]) -> list[list[int]]:
@@ -225,14 +240,15 @@ def _ranges(pieces: list[int]) -> list[list[int]]:
 
 
 async def fetch_pieces(signed: SignedManifest, needed: list[int], providers: list[Provider], runner: StoreRunner,
-                       open_stream: OpenStream, scores: PeerScores, **kw: Any) -> FetchResult:
+                       open_stream: OpenStream, scores: PeerScores, background: trio.Nursery | None = None,
+                       **kw: Any) -> FetchResult:
     """Fetch `needed` pieces (minus those already stored) from `providers`; raise FetchError if incomplete."""
     t0 = time.perf_counter()
     have = await runner.call(runner.store.present_pieces, signed.id)
     todo = [i for i in needed if i not in have]
     f = Fetch(signed, todo, providers, runner, open_stream, scores, **kw)
     if todo:
-        await f.run()
+        await f.run(background)
     seconds = time.perf_counter() - t0
     for p in f.providers:
         if p.dropped is None and p.pieces:

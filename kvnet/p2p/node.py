@@ -67,6 +67,7 @@ class Node:
         self.dht = kdht.make_dht(self.host)
         self.peer_id: ID = self.host.get_id()
         self.announced: set[bytes] = set()
+        self._background: trio.Nursery | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Node:
                 for addr in self.bootstrap:
                     await self.connect(addr)
                 await self.announce_all()
+                self._background = nursery
                 nursery.start_soon(self._republish_loop)
                 nursery.start_soon(self._refresh_loop)
                 task_status.started(self)
@@ -234,6 +236,7 @@ class Node:
         await self.runner.call(self.store.put_manifest, sm.raw)
         needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
         result = await fetch_pieces(sm, needed, found.providers, self.runner, self._open, self.scores,
-                                    window=window, batch=batch, timeout=self.timeout, on_piece=on_piece)
+                                    background=self._background, window=window, batch=batch,
+                                    timeout=self.timeout, on_piece=on_piece)
         await self.announce(sm.id)
         return result

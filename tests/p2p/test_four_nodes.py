@@ -1,25 +1,15 @@
 """P publishes; C knows only the bootstrap node B; C finds P by a prompt's chain keys, fetches,
 verifies, loads and generates with cached_tokens = the shared prefix, token-exact."""
 
-from pathlib import Path
-
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvnet.p2p.node import Node
 from kvnet.publish import publish_tokens
 from kvnet.reuse import answer
-from kvnet.store import Store
 from tests.conftest import random_tokens
+from tests.p2p.conftest import make_node as _node
 
 B = 256
-
-
-def _node(tmp: Path, name: str, bootstrap=None, **kw) -> Node:
-    store = Store(tmp / name / "store")
-    return Node(Ed25519PrivateKey.generate(), store, bootstrap=bootstrap or [],
-                scores_path=tmp / name / "scores.sqlite", **kw)
 
 
 @pytest.mark.trio

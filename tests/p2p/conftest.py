@@ -1,0 +1,16 @@
+"""Helpers for network tests: real libp2p nodes on loopback, each with its own store and scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kvnet.p2p.node import Node
+from kvnet.store import Store
+
+
+def make_node(tmp: Path, name: str, bootstrap: list[str] | None = None, **kw) -> Node:
+    store = Store(tmp / name / "store")
+    return Node(Ed25519PrivateKey.generate(), store, bootstrap=bootstrap or [],
+                scores_path=tmp / name / "scores.sqlite", **kw)

@@ -1,0 +1,77 @@
+"""Three providers, one lying (flipped bytes, a short piece, a stall): the fetch completes with the
+right bytes from the honest ones, and the liar is dropped and scored down persistently."""
+
+import pytest
+import trio
+
+from kvnet.p2p import wire
+from kvnet.p2p.scores import PeerScores
+from kvnet.p2p.server import PieceServer
+from kvnet.publish import publish_tokens
+from tests.conftest import random_tokens
+from tests.p2p.conftest import make_node
+
+
+class LyingServer(PieceServer):
+    """Serves real pieces, except that every third one is corrupted in the chosen way."""
+
+    def __init__(self, runner, mode: str) -> None:
+        super().__init__(runner)
+        self.mode = mode
+
+    async def _pieces(self, stream) -> None:
+        req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        mid = req["manifest"]
+        for i in self._indices(req["ranges"]):
+            data = bytearray(await self.runner.call(self.runner.store.read_piece, mid, i))
+            if i % 3 == 0:
+                if self.mode == "flip":
+                    data[len(data) // 2] ^= 0x01
+                elif self.mode == "short":
+                    await wire.write_frame(stream, {"i": i, "n": len(data)})
+                    await stream.write(bytes(data[:-100]))
+                    await stream.close()
+                    return
+                elif self.mode == "stall":
+                    await wire.write_frame(stream, {"i": i, "n": len(data)})
+                    await trio.sleep_forever()
+                elif self.mode == "wrong_length":
+                    data = data[:-1]
+            await wire.write_frame(stream, {"i": i, "n": len(data)})
+            await stream.write(bytes(data))
+        await wire.write_frame(stream, {"done": True})
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mode", ["flip", "short", "stall", "wrong_length"])
+async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
+    doc = random_tokens(3000, seed=41)
+    honest1, honest2, liar = (make_node(tmp_path, n, timeout=2.0) for n in ("H1", "H2", "L"))
+    pub = publish_tokens(tiny_bf16, honest1.store, honest1.key, doc, piece_size=16384)  # 47 pieces
+    for other in (honest2, liar):
+        other.store.put_manifest(pub.signed.raw)
+        for i in range(len(pub.signed.manifest.pieces)):
+            other.store.put_piece(pub.manifest_id, i, honest1.store.read_piece(pub.manifest_id, i))
+    liar.server = LyingServer(liar.runner, mode)
+    client = make_node(tmp_path, "C", timeout=2.0)
+    async with trio.open_nursery() as n:
+        boot = await n.start(honest1.run)
+        for node in (honest2, liar, client):
+            node.bootstrap = [boot.addrs[0]]
+            await n.start(node.run)
+        found = await client.find(tiny_bf16.model_id, [], manifest_id=pub.manifest_id)
+        assert len(found.providers) == 3
+        # make the liar first in line, so it is certainly asked for pieces
+        before = client.scores.good(liar.peer_id.to_base58(), 50)
+        with trio.fail_after(1.5):  # routed around at once: never waits out the liar's timeout
+            result = await client.fetch(found, found.signed.manifest.n_tokens, window=2, batch=4)
+        await trio.sleep(2.5)  # a stalled request is detected in the background when it times out
+        n.cancel_scope.cancel()
+    liar_id = liar.peer_id.to_base58()
+    assert liar_id in result.providers
+    assert client.store.missing_pieces(pub.manifest_id) == []
+    assert client.store.check() == []  # every stored byte verifies
+    after = client.scores.get(liar_id)
+    assert after <= before - 4  # minus a small credit for the good pieces it sent first
+    # the score persists across restarts of the client
+    assert PeerScores(tmp_path / "C" / "scores.sqlite").get(liar_id) == after
