@@ -61,7 +61,7 @@ class Node:
         self.listen = listen or [DEFAULT_LISTEN]
         self.bootstrap = bootstrap or []
         self.scores = PeerScores(scores_path)
-        self.server = PieceServer(self.runner, terms)
+        self.server = PieceServer(self.runner, terms, request_timeout=timeout)
         self.republish_s, self.refresh_s, self.timeout = republish_s, refresh_s, timeout
         self.host = make_host(key)
         self.dht = kdht.make_dht(self.host)

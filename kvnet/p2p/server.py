@@ -65,9 +65,11 @@ async def _finish(stream: Any, ok: bool) -> None:
 
 
 class PieceServer:
-    def __init__(self, runner: StoreRunner, terms: HostingTerms | None = None) -> None:
+    def __init__(self, runner: StoreRunner, terms: HostingTerms | None = None,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.runner = runner
         self.terms = terms or HostingTerms()
+        self.request_timeout = request_timeout
         self.served_pieces = 0
         self.served_bytes = 0
 
@@ -79,22 +81,25 @@ class PieceServer:
             ok = True
         except wire.WireError as exc:
             log.info("%s from %s: %s", name, _peer(stream), exc)
-            await self._try_send(stream, wire.error(exc.code, exc.msg))
+            ok = await self._try_send(stream, wire.error(exc.code, exc.msg))
         except trio.TooSlowError:
             log.info("%s from %s: request timed out", name, _peer(stream))
+            ok = await self._try_send(stream, wire.error("timeout", "no complete request in time"))
         except Exception as exc:  # noqa: BLE001 - a handler must never leak an exception
             log.warning("%s from %s failed: %r", name, _peer(stream), exc)
-            await self._try_send(stream, wire.error("internal", type(exc).__name__))
+            ok = await self._try_send(stream, wire.error("internal", type(exc).__name__))
         finally:
-            await _finish(stream, ok)
+            await _finish(stream, ok)  # close if the peer can still read our answer, else reset
 
     @staticmethod
-    async def _try_send(stream: Any, msg: dict) -> None:
+    async def _try_send(stream: Any, msg: dict) -> bool:
         try:
             with trio.move_on_after(2):
                 await wire.write_frame(stream, msg)
-        except Exception:  # noqa: BLE001
+                return True
+        except Exception:  # noqa: BLE001 - the peer is gone or reset the stream
             pass
+        return False
 
     # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
 
@@ -102,7 +107,7 @@ class PieceServer:
         await self._guard(stream, "offer", self._offer)
 
     async def _offer(self, stream: Any) -> None:
-        with trio.fail_after(REQUEST_TIMEOUT):
+        with trio.fail_after(self.request_timeout):
             req = await wire.read_frame(stream, wire.MAX_REQUEST)
         key = wire.field(req, "key", bytes, size=32)
         offers = await self.runner.call(self._offers_for, key)
@@ -129,7 +134,7 @@ class PieceServer:
         await self._guard(stream, "pieces", self._pieces)
 
     async def _pieces(self, stream: Any) -> None:
-        with trio.fail_after(REQUEST_TIMEOUT):
+        with trio.fail_after(self.request_timeout):
             req = await wire.read_frame(stream, wire.MAX_REQUEST)
         mid = wire.field(req, "manifest", bytes, size=32)
         indices = self._indices(wire.field(req, "ranges", list))

@@ -37,6 +37,10 @@ def _is_eof(exc: BaseException) -> bool:
     return type(exc).__name__ in {"StreamEOF", "EndOfChannel", "StreamClosed"}
 
 
+def _is_reset(exc: BaseException) -> bool:
+    return type(exc).__name__ in {"StreamReset", "MuxedStreamReset", "MuxedStreamError"}
+
+
 async def read_exact(stream: Stream, n: int, into: bytearray | None = None) -> bytearray:
     """Read exactly n bytes; a peer that closes early raises WireError('eof')."""
     buf = into if into is not None else bytearray(n)
@@ -47,6 +51,8 @@ async def read_exact(stream: Stream, n: int, into: bytearray | None = None) -> b
         except Exception as exc:
             if _is_eof(exc):
                 raise WireError("eof", f"stream ended after {got} of {n} bytes") from exc
+            if _is_reset(exc):
+                raise WireError("reset", f"stream reset after {got} of {n} bytes") from exc
             raise
         if not chunk:
             raise WireError("eof", f"stream ended after {got} of {n} bytes")
