@@ -1,4 +1,4 @@
-"""The `kvnet` command (offline part): keys, publish, list, show, verify, generate, exactness."""
+"""The `kvnet` command: keys, publish, list, show, verify, generate, exactness; serve and fetch on the network."""
 
 from __future__ import annotations
 
@@ -220,6 +220,84 @@ def generate(
         full = time.perf_counter() - t0
         console.print(f"full prefill would take {full:.3f} s: saved {full - ans.load_s - ans.prefill_s:.3f} s "
                       f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)")
+
+
+ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
+BootstrapOpt = Annotated[list[str] | None, typer.Option("--bootstrap", "-b",
+                                                        help="Peer multiaddr /ip4/../tcp/N/p2p/ID (repeatable).")]
+
+
+@app.command()
+def serve(home: Home = DEFAULT_HOME, listen: ListenOpt = None, bootstrap: BootstrapOpt = None,
+          capacity_mb: Annotated[int | None, typer.Option(help="Store capacity (LRU eviction).")] = None):
+    """Join the network and serve this node's store until interrupted (prints its address)."""
+    import trio
+
+    from kvnet.p2p import commands
+
+    try:
+        node = commands.open_node(home, listen, bootstrap or [],
+                                  capacity_bytes=capacity_mb * 2**20 if capacity_mb else None)
+    except identity.IdentityError as exc:
+        raise _fail(str(exc)) from exc
+    trio.run(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"))
+
+
+@app.command()
+def fetch(
+    home: Home = DEFAULT_HOME,
+    bootstrap: BootstrapOpt = None,
+    manifest: Annotated[str | None, typer.Option(help="Fetch this manifest id in full.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", exists=True, dir_okay=False,
+                                                     help="Fetch the longest network prefix of this prompt.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model ref (with --prompt-file).")] = None,
+    dtype: DtypeOpt = "bf16",
+    log_pieces: Annotated[bool, typer.Option(help="Print a line per stored piece (for scripts).")] = False,
+):
+    """Find KV on the network (by manifest id or by a prompt's prefix), fetch it verified, store it."""
+    import trio
+
+    from kvnet.p2p import commands
+
+    if (manifest is None) == (prompt_file is None):
+        raise _fail("give exactly one of --manifest or --prompt-file")
+    kwargs: dict = {}
+    if manifest is not None:
+        try:
+            kwargs["manifest_id"] = bytes.fromhex(manifest)
+            assert len(kwargs["manifest_id"]) == 32
+        except (ValueError, AssertionError) as exc:
+            raise _fail("--manifest takes a full 64-hex-digit manifest id") from exc
+    else:
+        if model is None:
+            raise _fail("--prompt-file needs --model")
+        engine = _engine(model, dtype)
+        kwargs["model_id"] = engine.model_id
+        kwargs["tokens"] = engine.tokenizer.encode(prompt_file.read_text())
+    try:
+        node = commands.open_node(home, None, bootstrap or [])
+    except identity.IdentityError as exc:
+        raise _fail(str(exc)) from exc
+    with _progress() as prog:
+        task = prog.add_task("fetch pieces", total=None)
+
+        def on_piece(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+            if log_pieces:
+                commands.line(f"piece {done}/{total}")
+
+        def on_found(f) -> None:
+            commands.line(f"found {f.signed.id.hex()} covering {f.n_tokens} tokens at {len(f.providers)} providers")
+
+        outcome = trio.run(lambda: commands.fetch(node, on_piece=on_piece, on_found=on_found, **kwargs))
+    if outcome.found is None:
+        raise _fail("nothing found on the network")
+    r = outcome.result
+    out.print(f"fetched {r.fetched} pieces ({r.bytes / 1e6:.1f} MB) in {r.seconds:.2f} s "
+              f"({r.mb_per_s:.0f} MB/s); already had {r.already_had}")
+    for peer, stats in r.providers.items():
+        out.print(f"  {peer}: {stats['pieces']} pieces" + (f", dropped ({stats['dropped']})"
+                                                          if stats["dropped"] else ""))
 
 
 @app.command()

@@ -23,6 +23,7 @@ import libp2p.kad_dht.kad_dht as _kad
 import libp2p.kad_dht.peer_routing as _routing
 import libp2p.kad_dht.provider_store as _providers
 import libp2p.kad_dht.value_store as _values
+import trio
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.records.validator import Validator
 
@@ -81,10 +82,32 @@ def make_dht(host) -> KadDHT:
     return dht
 
 
-async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None) -> dict:
-    """Providers of `key`, de-duplicated by peer id: {peer_id: PeerInfo}."""
-    infos = await dht.provider_store.find_providers(key, count=20)
-    return {p.peer_id: p for p in infos if p.peer_id != exclude}
+async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, timeout: float = 10.0) -> dict:
+    """Providers of `key` on the network, de-duplicated by peer id: {peer_id: PeerInfo}.
+
+    py-libp2p's `find_providers` returns whatever the local provider store holds (including our own
+    record, and results cached from earlier lookups) without asking the network. We need fresh
+    answers (a partial host must still find the others; a dead provider must age out), so we look up
+    the closest peers to the key and ask each of them, in parallel, plus any local records.
+    """
+    store = dht.provider_store
+    found = {p.peer_id: p for p in store.get_providers(key)}
+    closest = await dht.peer_routing.find_closest_peers_network(key)
+
+    async def ask(peer: object) -> None:
+        with trio.move_on_after(timeout):
+            try:
+                providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+            except Exception:  # noqa: BLE001 - an unreachable peer simply contributes nothing
+                return
+            for p in providers:
+                found.setdefault(p.peer_id, p)
+
+    async with trio.open_nursery() as nursery:
+        for peer in closest:
+            if peer != dht.host.get_id():
+                nursery.start_soon(ask, peer)
+    return {pid: info for pid, info in found.items() if pid != exclude}
 
 
 @dataclass

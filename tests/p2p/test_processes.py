@@ -1,0 +1,121 @@
+"""Real node processes: a provider SIGKILLed mid-transfer, a fetcher SIGKILLed mid-transfer and resumed."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvnet import identity
+from kvnet.p2p.node import Node
+from kvnet.p2p.scores import PeerScores
+from kvnet.store import Store
+from tests.test_store import fake_artifact
+
+ROOT = Path(__file__).parents[2]
+MB = 48
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+
+
+def _kvnet(*args) -> list[str]:
+    return [sys.executable, "-m", "kvnet.cli", *args]
+
+
+def _provider_home(tmp: Path, name: str, sm, pieces) -> Path:
+    home = tmp / name
+    identity.generate(home / "identity.key")
+    with Store(home / "store") as store:
+        store.put_manifest(sm.raw)
+        for i, p in enumerate(pieces):
+            store.put_piece(sm.id, i, p)
+    return home
+
+
+def _serve(home: Path, bootstrap: str | None = None) -> tuple[subprocess.Popen, str]:
+    args = ["serve", "--home", str(home)] + (["--bootstrap", bootstrap] if bootstrap else [])
+    proc = subprocess.Popen(_kvnet(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    first = proc.stdout.readline().split()
+    assert first and first[0] == "listening", proc.stderr.read()
+    return proc, first[1]
+
+
+@pytest.fixture
+def artifact():
+    return fake_artifact(21, MB)
+
+
+@pytest.fixture
+def providers(tmp_path, artifact):
+    sm, pieces = artifact
+    p1, addr1 = _serve(_provider_home(tmp_path, "P1", sm, pieces))
+    p2, addr2 = _serve(_provider_home(tmp_path, "P2", sm, pieces), addr1)
+    yield (p1, addr1), (p2, addr2)
+    for p in (p1, p2):
+        if p.poll() is None:
+            p.terminate()
+            p.wait(10)
+
+
+@pytest.mark.trio
+async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
+    sm, pieces = artifact
+    (p1, addr1), (p2, addr2) = providers
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    client = Node(Ed25519PrivateKey.generate(), Store(tmp_path / "C" / "store"), bootstrap=[addr2],
+                  scores_path=tmp_path / "C" / "scores.sqlite", timeout=3.0)
+    killed_at = []
+
+    def on_piece(done, total):
+        if done == 8 and not killed_at:
+            os.kill(p1.pid, signal.SIGKILL)
+            killed_at.append(done)
+
+    async with trio.open_nursery() as n:
+        await n.start(client.run)
+        found = await client.find(b"", [], manifest_id=sm.id)
+        assert len(found.providers) == 2
+        result = await client.fetch(found, sm.manifest.n_tokens, on_piece=on_piece, window=2, batch=2)
+        n.cancel_scope.cancel()
+    assert killed_at and p1.wait(5) == -signal.SIGKILL
+    assert client.store.missing_pieces(sm.id) == []
+    assert client.store.check() == []
+    p1_id = addr1.rsplit("/", 1)[1]
+    assert result.providers[addr2.rsplit("/", 1)[1]]["pieces"] > 0
+    assert result.providers[p1_id]["dropped"] is not None
+    assert PeerScores(tmp_path / "C" / "scores.sqlite").get(p1_id) < 0
+
+
+def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
+    sm, pieces = artifact
+    _, (p2, addr2) = providers
+    home = tmp_path / "F"
+    identity.generate(home / "identity.key")
+    args = _kvnet("fetch", "--home", str(home), "--bootstrap", addr2, "--manifest", sm.id.hex(), "--log-pieces")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("piece"):
+            seen += 1
+            if seen == 10:
+                proc.kill()
+                break
+    assert proc.wait(10) == -signal.SIGKILL
+    with Store(home / "store") as store:
+        assert store.check() == []
+        had = len(store.present_pieces(sm.id))
+    assert 10 <= had < len(pieces)
+
+    done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"already had {had}" in done.stdout
+    assert f"fetched {len(pieces) - had} pieces" in done.stdout
+    with Store(home / "store") as store:
+        assert store.missing_pieces(sm.id) == []
+        assert store.check() == []
