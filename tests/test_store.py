@@ -37,12 +37,14 @@ print("done", flush=True)
 _KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 
 
-def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20):
-    """A signed manifest over `mb` MiB of seeded bytes, shaped like tiny-bf16 KV (256 B/token)."""
-    data = random.Random(seed).randbytes(mb << 20)
-    n_tokens = len(data) // 256
+def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20, kv_shape: tuple = (2, 2, 16)):
+    """A signed manifest over about `mb` MiB of seeded bytes, shaped like bf16 KV of `kv_shape`
+    (default: tiny's, 256 B/token). Valid in every way a peer can check, without running a model."""
+    per_token = kv_shape[0] * 2 * kv_shape[1] * kv_shape[2] * 2
+    n_tokens = (mb << 20) // per_token
+    data = random.Random(seed).randbytes(n_tokens * per_token)
     m = Manifest(
-        model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=(2, 2, 16),
+        model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=kv_shape,
         n_tokens=n_tokens, block_size=256, chain=tuple(bytes([seed % 256, i % 256]) * 16
                                                       for i in range(-(-n_tokens // 256))),
         piece_size=piece_size, pieces=tuple(b3(p) for p in artifact.split_pieces(memoryview(data),

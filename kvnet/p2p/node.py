@@ -30,6 +30,9 @@ from kvnet.store import Store
 
 log = logging.getLogger("kvnet.p2p.node")
 PEER_ADDR_TTL = 3600
+# py-libp2p's DHT server handles at most 12 requests at once and resets the rest (which then stall
+# for 30 s), so announcements stay below that.
+ANNOUNCE_CONCURRENCY = 8
 
 
 @dataclass
@@ -117,8 +120,16 @@ class Node:
         if not have:
             return
         keys = [mid] + [k for i, k in enumerate(sm.manifest.chain) if self._covered(sm, i, have)]
-        for k in keys:
-            await self.dht.provider_store.provide(k)
+        limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
+
+        async def provide(k: bytes) -> None:
+            async with limiter:
+                with trio.move_on_after(self.timeout):
+                    await self.dht.provider_store.provide(k)
+
+        async with trio.open_nursery() as nursery:
+            for k in keys:
+                nursery.start_soon(provide, k)
         try:
             await self.dht.put_value(kdht.manifest_key(mid), sm.raw)
         except Exception as exc:  # noqa: BLE001 - an expired manifest is still served by offer

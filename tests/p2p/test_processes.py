@@ -47,7 +47,7 @@ def _serve(home: Path, bootstrap: str | None = None) -> tuple[subprocess.Popen, 
 
 @pytest.fixture
 def artifact():
-    return fake_artifact(21, MB)
+    return fake_artifact(21, MB, kv_shape=(28, 8, 128))  # Qwen3-0.6B-shaped: 438 tokens
 
 
 @pytest.fixture
