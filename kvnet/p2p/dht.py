@@ -9,7 +9,7 @@
 - Provider records are keyed by raw 32-byte ids: each manifest id and each of its chain keys.
 - Prefix lookup: a provider of a document announces every chain key of it, so "some provider has
   boundary i" is monotone in i and the longest provided boundary of a prompt is found by trying the
-  last boundary, then binary search: at most 1 + ceil(log2(blocks)) provider queries.
+  boundaries in parallel rounds (a (fanout+1)-ary search): O(log blocks) provider queries.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, parse
 
 DHT_PROTOCOL = "/kvnet/kad/1.0.0"
 MANIFEST_NS = "kvm"
+ALPHA = 3  # Kademlia's query parallelism
 log = logging.getLogger("kvnet.p2p.dht")
 
 
@@ -92,7 +93,8 @@ async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, tim
     """
     store = dht.provider_store
     found = {p.peer_id: p for p in store.get_providers(key)}
-    closest = await dht.peer_routing.find_closest_peers_network(key)
+    me = dht.host.get_id()
+    closest = [p for p in await dht.peer_routing.find_closest_peers_network(key) if p != me]
 
     async def ask(peer: object) -> None:
         with trio.move_on_after(timeout):
@@ -103,11 +105,15 @@ async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, tim
             for p in providers:
                 found.setdefault(p.peer_id, p)
 
-    async with trio.open_nursery() as nursery:
-        for peer in closest:
-            if peer != dht.host.get_id():
+    # Every provider stores its record at the same closest peers, so the first closest peers that
+    # answer hold the full set: ask them ALPHA at a time, closest first, and stop at the first answers.
+    for start in range(0, len(closest), ALPHA):
+        async with trio.open_nursery() as nursery:
+            for peer in closest[start : start + ALPHA]:
                 nursery.start_soon(ask, peer)
-    return {pid: info for pid, info in found.items() if pid != exclude}
+        if any(pid not in (me, exclude) for pid in found):
+            break
+    return {pid: info for pid, info in found.items() if pid not in (me, exclude)}
 
 
 @dataclass
@@ -119,29 +125,45 @@ class PrefixHit:
 
 
 async def find_longest_prefix(dht: KadDHT, model_id: bytes, tokens: list[int], block_size: int,
-                              exclude: object = None) -> PrefixHit | None:
-    """The longest block boundary of `tokens` that some provider announces, in O(log blocks) queries."""
+                              exclude: object = None, fanout: int = 4) -> PrefixHit | None:
+    """The longest block boundary of `tokens` that some provider announces.
+
+    Providers announce every boundary of what they hold, so "boundary i has a provider" is monotone
+    in i. We search it in rounds of `fanout` parallel probes spread over the unresolved interval (the
+    last boundary is in the first round): about log_(fanout+1)(blocks) rounds and at most
+    fanout x rounds provider queries, instead of one query per block.
+    """
     keys = [k for k in chain.chain_keys(model_id, tokens, block_size) if k.n_tokens % block_size == 0]
     if not keys:
         return None
+    lo, hi = 0, len(keys) - 1  # the answer is in [lo - 1, hi]; lo - 1 == -1 means none
+    best: tuple[int, dict] | None = None
     queries = 0
-
-    async def probe(i: int) -> dict:
-        nonlocal queries
-        queries += 1
-        return await find_provider_ids(dht, keys[i].key, exclude)
-
-    last = await probe(len(keys) - 1)
-    if last:
-        return PrefixHit(keys[-1].n_tokens, keys[-1].key, last, queries)
-    lo, hi, best, best_i = 0, len(keys) - 2, None, -1  # invariant: boundaries > hi have no provider
     while lo <= hi:
-        mid = (lo + hi) // 2
-        found = await probe(mid)
-        if found:
-            best, best_i, lo = found, mid, mid + 1
-        else:
-            hi = mid - 1
+        span = hi - lo + 1
+        probes = sorted({hi - (span * j) // fanout for j in range(fanout)} | {hi})
+        results: dict[int, dict] = {}
+
+        async def probe(i: int, results: dict[int, dict] = results) -> None:
+            results[i] = await find_provider_ids(dht, keys[i].key, exclude)
+
+        async with trio.open_nursery() as nursery:
+            for i in probes:
+                nursery.start_soon(probe, i)
+        queries += len(probes)
+        hits = [i for i in probes if results[i]]
+        misses = [i for i in probes if not results[i]]
+        if hits:
+            top = max(hits)
+            best = (top, results[top])
+            lo = top + 1
+        above = [i for i in misses if i > (best[0] if best else -1)]
+        hi = min(above) - 1 if above else hi
+        if best and best[0] == hi:
+            break
+        if not hits and probes[0] == lo:
+            break  # even the lowest probe in range has no provider
     if best is None:
         return None
-    return PrefixHit(keys[best_i].n_tokens, keys[best_i].key, best, queries)
+    i, providers = best
+    return PrefixHit(keys[i].n_tokens, keys[i].key, providers, queries)
