@@ -96,22 +96,27 @@ async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, tim
     me = dht.host.get_id()
     closest = [p for p in await dht.peer_routing.find_closest_peers_network(key) if p != me]
 
+    answered = 0
+
     async def ask(peer: object) -> None:
+        nonlocal answered
         with trio.move_on_after(timeout):
             try:
                 providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
             except Exception:  # noqa: BLE001 - an unreachable peer simply contributes nothing
                 return
+            answered += 1
             for p in providers:
                 found.setdefault(p.peer_id, p)
 
-    # Every provider stores its record at the same closest peers, so the first closest peers that
-    # answer hold the full set: ask them ALPHA at a time, closest first, and stop at the first answers.
+    # Providers store their records at the closest peers to the key, so the closest peers that answer
+    # hold (nearly) the full set: ask them ALPHA at a time, closest first, until ALPHA of them have
+    # answered and some provider is known (dead or departed peers do not count as answers).
     for start in range(0, len(closest), ALPHA):
         async with trio.open_nursery() as nursery:
             for peer in closest[start : start + ALPHA]:
                 nursery.start_soon(ask, peer)
-        if any(pid not in (me, exclude) for pid in found):
+        if answered >= ALPHA and any(pid not in (me, exclude) for pid in found):
             break
     return {pid: info for pid, info in found.items() if pid not in (me, exclude)}
 

@@ -33,6 +33,7 @@ PEER_ADDR_TTL = 3600
 # py-libp2p's DHT server handles at most 12 requests at once and resets the rest (which then stall
 # for 30 s), so announcements stay below that.
 ANNOUNCE_CONCURRENCY = 8
+GROWTH_CHECK_S = 2.0
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Node:
         self.peer_id: ID = self.host.get_id()
         self.announced: set[bytes] = set()
         self._background: trio.Nursery | None = None
+        self._announced_at_size = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Node:
                 self._background = nursery
                 nursery.start_soon(self._republish_loop)
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._reannounce_on_growth)
                 task_status.started(self)
                 await trio.sleep_forever()
 
@@ -110,6 +113,22 @@ class Node:
                     await self.dht.refresh_routing_table()
                 except Exception as exc:  # noqa: BLE001 - a failed refresh is retried next round
                     log.info("routing refresh failed: %r", exc)
+
+    async def _reannounce_on_growth(self) -> None:
+        """Announce again when the routing table has grown since the last announcement.
+
+        A node that announced while it knew few peers (the first node of a network, say) stored its
+        provider records at those few; once others join, the records belong at the new closest peers.
+        """
+        while True:
+            await trio.sleep(GROWTH_CHECK_S)
+            size = self.dht.routing_table.size()
+            if size > self._announced_at_size:
+                self._announced_at_size = size
+                try:
+                    await self.announce_all()
+                except Exception as exc:  # noqa: BLE001 - retried on the next growth or republish
+                    log.info("re-announce failed: %r", exc)
 
     # -- announcing -----------------------------------------------------------------------------
 
@@ -143,6 +162,7 @@ class Node:
 
     async def announce_all(self) -> None:
         """Announce everything held; what was evicted is simply no longer announced."""
+        self._announced_at_size = max(self._announced_at_size, self.dht.routing_table.size())
         entries = await self.runner.call(self.store.entries)
         self.announced &= {e.id for e in entries}
         for e in entries:
