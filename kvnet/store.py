@@ -162,8 +162,9 @@ class Store:
     def _manifest_path(self, mid: bytes) -> Path:
         return self.root / "manifests" / f"{mid.hex()}.msgpack"
 
-    def _atomic_write(self, path: Path, data: bytes | memoryview) -> None:
-        """tmp file, fsync, rename, fsync dir. ENOSPC becomes StoreFullError with nothing left behind."""
+    def _atomic_write(self, path: Path, data: bytes | memoryview, sync_dir: bool = True) -> None:
+        """tmp file, fsync, rename, fsync dir (or leave that to the caller, once for a batch).
+        ENOSPC becomes StoreFullError with nothing left behind."""
         tmp = self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as f:
@@ -172,7 +173,8 @@ class Store:
                 os.fsync(f.fileno())
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            if sync_dir:
+                _fsync_dir(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -252,16 +254,46 @@ class Store:
 
     def put_piece(self, mid: bytes, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Verify piece `index` of manifest `mid` and store it. Returns False if it was already present."""
+        stored, errors = self.put_pieces(mid, [(index, data)])
+        if errors:
+            raise errors[index]
+        return bool(stored)
+
+    def put_pieces(self, mid: bytes, items: list[tuple[int, bytes | bytearray | memoryview]]
+                   ) -> tuple[list[int], dict[int, ArtifactError]]:
+        """Verify and store several pieces of `mid` as one group commit.
+
+        Each piece is verified against the signed manifest first; those that fail are returned (not
+        raised) so that a fetcher can blame the peer that sent each one. The good ones are written
+        and fsynced one by one, their directories fsynced once, and indexed in one transaction: one
+        index commit per batch instead of per piece. Returns (indices newly stored, failures).
+        """
         m = self.get_manifest(mid).manifest
-        verify_piece(m, index, data)
-        h = m.pieces[index]
-        if self.has_piece(h):
-            return False
-        self._make_room(len(data), protect=mid)
-        self._atomic_write(self._piece_path(h), data)
+        errors: dict[int, ArtifactError] = {}
+        todo: dict[bytes, tuple[int, bytes | bytearray | memoryview]] = {}
+        for index, data in items:
+            try:
+                verify_piece(m, index, data)
+            except ArtifactError as exc:
+                errors[index] = exc
+                continue
+            h = m.pieces[index]
+            if h not in todo and not self.has_piece(h):
+                todo[h] = (index, data)
+        if not todo:
+            return [], errors
+        self._make_room(sum(len(d) for _, d in todo.values()), protect=mid)
+        dirs = set()
+        for h, (_, data) in todo.items():
+            path = self._piece_path(h)
+            self._atomic_write(path, data, sync_dir=False)
+            dirs.add(path.parent)
+        for d in dirs:
+            _fsync_dir(d)
         with self._write():
-            self.db.execute("INSERT OR IGNORE INTO pieces VALUES (?,?)", (h, len(data)))
-        return True
+            self.db.executemany("INSERT OR IGNORE INTO pieces VALUES (?,?)",
+                                [(h, len(d)) for h, (_, d) in todo.items()])
+        return [i for i, _ in todo.values()], errors
 
     def read_piece(self, mid: bytes, index: int, verify: bool | None = None) -> bytearray:
         """Bytes of piece `index` of `mid`, if present. With `verify` (default: the store's

@@ -2,10 +2,11 @@
 
 Pieces are assigned across providers in batches; each provider gets `window` concurrent requests
 (pipelining). When nothing is left to assign, idle workers re-request pieces still in flight
-elsewhere (endgame), and the first verified copy wins. Every piece is verified against the signed
-manifest (length, then BLAKE3) by `Store.put_piece` before it is written; a provider that sends a bad
-piece, a wrong length, a protocol violation or nothing before the timeout is dropped for this fetch,
-scored down persistently, and its pieces go back to the pool for the others.
+elsewhere (endgame), and the first verified copy wins. Received pieces go to one writer task that
+verifies each against the signed manifest (length, then BLAKE3) and stores them in group commits
+(`Store.put_pieces`), off the event loop. A provider that sends a bad piece, a wrong length, a
+protocol violation or nothing before the timeout is dropped for this fetch, scored down
+persistently, and its pieces go back to the pool for the others.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 
 import trio
 
-from kvnet.artifact import ArtifactError
 from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
 from kvnet.p2p.scores import PeerScores
@@ -28,6 +28,8 @@ from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
 log = logging.getLogger("kvnet.p2p.fetcher")
 
 OpenStream = Callable[[str, str], Awaitable[Any]]
+WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
+WRITE_BATCH = 16  # pieces per group commit
 
 
 class FetchError(Exception):
@@ -80,6 +82,9 @@ class Fetch:
         self.changed = trio.Event()
         self.fetched = 0
         self.bytes = 0
+        self.queued: set[int] = set()  # received, waiting for the writer
+        self.failure: Exception | None = None
+        self.to_writer, self._writer_rx = trio.open_memory_channel(WRITE_QUEUE)
 
     # -- assignment -----------------------------------------------------------------------------
 
@@ -108,7 +113,7 @@ class Fetch:
 
     def _anyone_can_help(self) -> bool:
         live = [p for p in self.providers if p.dropped is None]
-        return all(any(i in p.have for p in live) for i in self.pending)
+        return all(i in self.queued or any(i in p.have for p in live) for i in self.pending)
 
     # -- transfer -------------------------------------------------------------------------------
 
@@ -145,7 +150,7 @@ class Fetch:
                         data = await wire.read_exact(stream, n)
                 except wire.WireError as exc:
                     raise _Drop("bad_length", f"piece {i}: {exc}") from exc
-                await self._accept(p, i, data)  # on a bad piece, `finally` returns i to the pool
+                await self._accept(p, i, data)  # handed to the writer, which verifies it
                 remaining.discard(i)
             if remaining:
                 raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
@@ -159,23 +164,49 @@ class Fetch:
                 await stream.close()
 
     async def _accept(self, p: Provider, i: int, data: bytearray) -> None:
-        if i not in self.pending:  # endgame duplicate that lost the race
+        """Queue a received piece for the writer (verification and storage happen there, batched)."""
+        if i not in self.pending or i in self.queued:  # an endgame duplicate that lost the race
             self._release(p, [i])
             return
+        self.queued.add(i)
         try:
-            await self.runner.call(self.runner.store.put_piece, self.sm.id, i, data)
-        except ArtifactError as exc:
-            raise _Drop("bad_piece", str(exc)) from exc
-        if i in self.pending:
-            self.pending.discard(i)
-            self.fetched += 1
-            self.bytes += len(data)
-            p.pieces += 1
-            p.bytes += len(data)
-            if self.on_piece:
-                self.on_piece(self.total - len(self.pending), self.total)
-        self.in_flight.pop(i, None)
-        self._wake()
+            await self.to_writer.send((p, i, data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.queued.discard(i)  # the fetch is over; this late copy is not needed
+
+    async def _writer(self, rx: trio.MemoryReceiveChannel) -> None:
+        """Verify and store received pieces in group commits, and blame the sender of a bad one."""
+        async with rx:
+            async for first in rx:
+                batch = [first]
+                while len(batch) < WRITE_BATCH:
+                    try:
+                        batch.append(rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    _, errors = await self.runner.call(self.runner.store.put_pieces, self.sm.id,
+                                                       [(i, d) for _, i, d in batch])
+                except Exception as exc:  # noqa: BLE001 - a full store ends the fetch with its error
+                    self.failure = exc
+                    self._wake()
+                    return
+                for p, i, data in batch:
+                    self.queued.discard(i)
+                    if i in errors:
+                        self._release(p, [i])
+                        self._drop(p, "bad_piece", str(errors[i]))
+                        continue
+                    if i in self.pending:
+                        self.pending.discard(i)
+                        self.fetched += 1
+                        self.bytes += len(data)
+                        p.pieces += 1
+                        p.bytes += len(data)
+                        if self.on_piece:
+                            self.on_piece(self.total - len(self.pending), self.total)
+                    self.in_flight.pop(i, None)
+                self._wake()
 
     async def _worker(self, p: Provider) -> None:
         while self.pending and p.dropped is None and self._anyone_can_help():
@@ -210,22 +241,20 @@ class Fetch:
         by_peer = {p.peer: p for p in self.providers}
         self.providers = [by_peer[x] for x in ordered]
         usable = [p for p in self.providers if not self.scores.avoided(p.peer)] or self.providers
-        if background is not None:
-            for p in usable:
-                for _ in range(self.window):
-                    background.start_soon(self._worker, p)
-            await self._until_settled()
-            self._wake()  # idle workers see that nothing is pending and exit
-            return
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, self._writer_rx)
             for p in usable:
                 for _ in range(self.window):
-                    nursery.start_soon(self._worker, p)
+                    (background or nursery).start_soon(self._worker, p)
             await self._until_settled()
+            await self.to_writer.aclose()  # late pieces from background workers are dropped
+            self._wake()  # idle background workers see that nothing is pending and exit
             nursery.cancel_scope.cancel()
+        if self.failure is not None:
+            raise self.failure
 
     async def _until_settled(self) -> None:
-        while self.pending and self._anyone_can_help():
+        while self.pending and self._anyone_can_help() and self.failure is None:
             await self.changed.wait()
 
 
