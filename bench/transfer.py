@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -28,10 +27,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvnet import identity  # noqa: E402
 from kvnet.p2p.node import Node  # noqa: E402
 from kvnet.store import Store  # noqa: E402
-from tests.test_store import fake_artifact  # noqa: E402
+from tests.artifacts import fake_artifact, provider_home, serve_process  # noqa: E402
 
 console = Console()
 SENDER = r"""
@@ -61,15 +59,6 @@ def raw_tcp(mb: int) -> float:
     conn.close()
     srv.close()
     return total / 1e6 / dt
-
-
-def start_provider(home: Path, bootstrap: str | None) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home)]
-    if bootstrap:
-        args += ["--bootstrap", bootstrap]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    return proc, proc.stdout.readline().split()[1]
 
 
 async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, window: int, batch: int) -> dict:
@@ -105,13 +94,7 @@ def main() -> None:
         console.print(f"artifact: {sm.manifest.total_bytes / 2**20:.0f} MiB in {len(pieces)} pieces")
         procs, addrs = [], []
         for name in ("P1", "P2", "P3"):
-            home = tmp / name
-            identity.generate(home / "identity.key")
-            with Store(home / "store") as store:
-                store.put_manifest(sm.raw)
-                for i, p in enumerate(pieces):
-                    store.put_piece(sm.id, i, p)
-            proc, addr = start_provider(home, addrs[0] if addrs else None)
+            proc, addr = serve_process(provider_home(tmp, name, sm, pieces), addrs[0] if addrs else None)
             procs.append(proc)
             addrs.append(addr)
         del pieces

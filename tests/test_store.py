@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvnet import artifact, identity
+from kvnet import identity
 from kvnet.artifact import ArtifactError
-from kvnet.hashing import b3
-from kvnet.manifest import Manifest, Terms
 from kvnet.store import NotFoundError, Store, StoreFullError
+from tests.artifacts import fake_artifact
 
 WRITER = r"""
 import sys
 from pathlib import Path
-from tests.test_store import fake_artifact
+from tests.artifacts import fake_artifact
 from kvnet.store import Store
 root, seed, mb = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 sm, pieces = fake_artifact(seed, mb)
@@ -33,27 +32,6 @@ with Store(root) as store:
         print("piece", i, flush=True)
 print("done", flush=True)
 """
-
-_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-
-
-def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20, kv_shape: tuple = (2, 2, 16)):
-    """A signed manifest over about `mb` MiB of seeded bytes, shaped like bf16 KV of `kv_shape`
-    (default: tiny's, 256 B/token). Valid in every way a peer can check, without running a model."""
-    per_token = kv_shape[0] * 2 * kv_shape[1] * kv_shape[2] * 2
-    n_tokens = (mb << 20) // per_token
-    data = random.Random(seed).randbytes(n_tokens * per_token)
-    m = Manifest(
-        model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=kv_shape,
-        n_tokens=n_tokens, block_size=256, chain=tuple(bytes([seed % 256, i % 256]) * 16
-                                                      for i in range(-(-n_tokens // 256))),
-        piece_size=piece_size, pieces=tuple(b3(p) for p in artifact.split_pieces(memoryview(data),
-                                                                                       piece_size)),
-        total_bytes=len(data), publisher=identity.public_bytes(_KEY), terms=Terms(), created=1, expires=0,
-        source={"title": f"fake {seed}"},
-    )
-    return m.sign(_KEY), [bytes(p) for p in artifact.split_pieces(memoryview(data), piece_size)]
-
 
 def _writer(root: Path, seed: int, mb: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -183,7 +161,7 @@ def test_shared_pieces_survive_removal_of_one_manifest(tmp_path):
 READER = r"""
 import sys
 from pathlib import Path
-from tests.test_store import fake_artifact
+from tests.artifacts import fake_artifact
 from kvnet.store import Store
 sm, pieces = fake_artifact(5, 4)
 with Store(Path(sys.argv[1]), verify_on_read=True) as store:

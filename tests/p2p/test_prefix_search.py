@@ -17,13 +17,8 @@ from kvnet.p2p import dht as kdht
 MODEL = bytes(32)
 
 
-@settings(max_examples=60, deadline=None)
-@given(blocks=st.integers(1, 40), data=st.data())
-def test_finds_the_longest_provided_boundary(blocks, data):
-    answer = data.draw(st.integers(-1, blocks - 1))  # index of the last provided boundary, -1: none
-    tokens = list(range(blocks * 4 + 3))
-    keys = [k.key for k in chain.chain_keys(MODEL, tokens, 4)][:blocks]
-    provided = set(keys[: answer + 1])
+def _search(tokens: list[int], provided: set[bytes]):
+    """Run the search against an oracle; return the hit and the keys it asked about."""
     calls = []
 
     async def oracle(dht, key, exclude=None):
@@ -33,9 +28,19 @@ def test_finds_the_longest_provided_boundary(blocks, data):
     orig = kdht.find_provider_ids
     kdht.find_provider_ids = oracle
     try:
-        hit = trio.run(kdht.find_longest_prefix, None, MODEL, tokens, 4)
+        return trio.run(kdht.find_longest_prefix, None, MODEL, tokens, 4), calls
     finally:
         kdht.find_provider_ids = orig
+
+
+@settings(max_examples=60, deadline=None)
+@given(blocks=st.integers(1, 40), data=st.data())
+def test_finds_the_longest_provided_boundary(blocks, data):
+    answer = data.draw(st.integers(-1, blocks - 1))  # index of the last provided boundary, -1: none
+    tokens = list(range(blocks * 4 + 3))
+    keys = [k.key for k in chain.chain_keys(MODEL, tokens, 4)][:blocks]
+    provided = set(keys[: answer + 1])
+    hit, calls = _search(tokens, provided)
     if answer < 0:
         assert hit is None
     else:
@@ -46,16 +51,5 @@ def test_finds_the_longest_provided_boundary(blocks, data):
 @pytest.mark.parametrize("blocks", [1, 15, 40])
 def test_whole_document_hit_takes_one_round(blocks):
     tokens = list(range(blocks * 4))
-    calls = []
-
-    async def oracle(dht, key, exclude=None):
-        calls.append(key)
-        return {"peer": object()}
-
-    orig = kdht.find_provider_ids
-    kdht.find_provider_ids = oracle
-    try:
-        hit = trio.run(kdht.find_longest_prefix, None, MODEL, tokens, 4)
-    finally:
-        kdht.find_provider_ids = orig
+    hit, calls = _search(tokens, {k.key for k in chain.chain_keys(MODEL, tokens, 4)})
     assert hit.n_tokens == blocks * 4 and len(calls) <= 4

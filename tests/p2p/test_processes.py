@@ -13,7 +13,7 @@ from kvnet import identity
 from kvnet.p2p.node import Node
 from kvnet.p2p.scores import PeerScores
 from kvnet.store import Store
-from tests.test_store import fake_artifact
+from tests.artifacts import fake_artifact, provider_home, serve_process
 
 ROOT = Path(__file__).parents[2]
 MB = 48
@@ -27,24 +27,6 @@ def _kvnet(*args) -> list[str]:
     return [sys.executable, "-m", "kvnet.cli", *args]
 
 
-def _provider_home(tmp: Path, name: str, sm, pieces) -> Path:
-    home = tmp / name
-    identity.generate(home / "identity.key")
-    with Store(home / "store") as store:
-        store.put_manifest(sm.raw)
-        for i, p in enumerate(pieces):
-            store.put_piece(sm.id, i, p)
-    return home
-
-
-def _serve(home: Path, bootstrap: str | None = None) -> tuple[subprocess.Popen, str]:
-    args = ["serve", "--home", str(home)] + (["--bootstrap", bootstrap] if bootstrap else [])
-    proc = subprocess.Popen(_kvnet(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    first = proc.stdout.readline().split()
-    assert first and first[0] == "listening", proc.stderr.read()
-    return proc, first[1]
-
-
 @pytest.fixture
 def artifact():
     return fake_artifact(21, MB, kv_shape=(28, 8, 128))  # Qwen3-0.6B-shaped: 438 tokens
@@ -53,8 +35,8 @@ def artifact():
 @pytest.fixture
 def providers(tmp_path, artifact):
     sm, pieces = artifact
-    p1, addr1 = _serve(_provider_home(tmp_path, "P1", sm, pieces))
-    p2, addr2 = _serve(_provider_home(tmp_path, "P2", sm, pieces), addr1)
+    p1, addr1 = serve_process(provider_home(tmp_path, "P1", sm, pieces))
+    p2, addr2 = serve_process(provider_home(tmp_path, "P2", sm, pieces), addr1)
     yield (p1, addr1), (p2, addr2)
     for p in (p1, p2):
         if p.poll() is None:

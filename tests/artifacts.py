@@ -1,0 +1,62 @@
+"""Test and benchmark artifacts that need no model: signed manifests over seeded bytes, provider
+homes holding them, and `kvnet serve` processes serving them."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kvnet import artifact, identity
+from kvnet.hashing import b3
+from kvnet.manifest import Manifest, Terms
+from kvnet.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20, kv_shape: tuple = (2, 2, 16)):
+    """A signed manifest over about `mb` MiB of seeded bytes, shaped like bf16 KV of `kv_shape`
+    (default: tiny's, 256 B/token). Valid in every way a peer can check, without running a model."""
+    per_token = kv_shape[0] * 2 * kv_shape[1] * kv_shape[2] * 2
+    n_tokens = (mb << 20) // per_token
+    data = random.Random(seed).randbytes(n_tokens * per_token)
+    m = Manifest(
+        model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=kv_shape,
+        n_tokens=n_tokens, block_size=256, chain=tuple(bytes([seed % 256, i % 256]) * 16
+                                                      for i in range(-(-n_tokens // 256))),
+        piece_size=piece_size, pieces=tuple(b3(p) for p in artifact.split_pieces(memoryview(data),
+                                                                                       piece_size)),
+        total_bytes=len(data), publisher=identity.public_bytes(_KEY), terms=Terms(), created=1, expires=0,
+        source={"title": f"fake {seed}"},
+    )
+    return m.sign(_KEY), [bytes(p) for p in artifact.split_pieces(memoryview(data), piece_size)]
+
+
+def provider_home(tmp: Path, name: str, sm, pieces) -> Path:
+    """A node directory with an identity key and a store holding the whole artifact."""
+    home = tmp / name
+    identity.generate(home / "identity.key")
+    with Store(home / "store") as store:
+        store.put_manifest(sm.raw)
+        store.put_pieces(sm.id, list(enumerate(pieces)))
+    return home
+
+
+def serve_process(home: Path, bootstrap: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `kvnet serve` for `home`; return the process and the address it listens on."""
+    args = [sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home)]
+    if bootstrap:
+        args += ["--bootstrap", bootstrap]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline().split()
+    if not first or first[0] != "listening":
+        raise RuntimeError(f"kvnet serve did not start: {proc.stderr.read()}")
+    return proc, first[1]
