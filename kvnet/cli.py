@@ -27,6 +27,45 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF folder, o
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (default) or fp32.")]
 
 
+def _fetch_prefix(home: Path, bootstrap: list[str], model_id: bytes, prompt: list[int]) -> None:
+    """Fetch the network's longest prefix of `prompt` into the local store, if longer than ours."""
+    import trio
+
+    from kvnet.p2p import commands
+
+    with _store(home) as store:
+        local = store.lookup(model_id, prompt)
+    try:
+        node = commands.open_node(home, None, bootstrap)
+    except identity.IdentityError as exc:
+        raise _fail(str(exc)) from exc
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            found = await node.find(model_id, prompt)
+            result = None
+            if found is not None and found.n_tokens > (local.n_tokens if local else 0):
+                with _progress() as prog:
+                    task = prog.add_task("fetch pieces", total=None)
+                    result = await node.fetch(found, on_piece=lambda d, t: prog.update(task, completed=d, total=t))
+            nursery.cancel_scope.cancel()
+        return found, result
+
+    found, result = trio.run(run)
+    node.store.close()
+    if result is not None:
+        console.print(f"network: fetched {found.n_tokens} tokens of KV ({result.bytes / 1e6:.1f} MB from "
+                      f"{len(found.providers)} providers in {result.seconds:.2f} s)")
+    elif found is None:
+        console.print("network: no longer prefix found")
+
+
+ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
+BootstrapOpt = Annotated[list[str] | None, typer.Option("--bootstrap", "-b",
+                                                        help="Peer multiaddr /ip4/../tcp/N/p2p/ID (repeatable).")]
+
+
 def _fail(msg: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {msg}")
     return typer.Exit(code=1)
@@ -195,8 +234,11 @@ def generate(
     dtype: DtypeOpt = "bf16",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
     baseline: Annotated[bool, typer.Option(help="Also run a full prefill to measure the time saved.")] = True,
+    bootstrap: BootstrapOpt = None,
 ):
-    """Answer a prompt, reusing the longest stored KV prefix; report cached tokens and time saved."""
+    """Answer a prompt, reusing the longest stored KV prefix; report cached tokens and time saved.
+
+    With --bootstrap, first look for a longer prefix on the network and fetch it (verified)."""
     from kvnet.artifact import ArtifactError
     from kvnet.reuse import answer
 
@@ -204,6 +246,8 @@ def generate(
     prompt = engine.tokenizer.encode(prompt_file.read_text())
     if not prompt:
         raise _fail("the prompt is empty")
+    if bootstrap:
+        _fetch_prefix(home, bootstrap, engine.model_id, prompt)
     with _store(home) as store:
         try:
             ans = answer(engine, store, prompt, max_new_tokens)
@@ -220,11 +264,6 @@ def generate(
         full = time.perf_counter() - t0
         console.print(f"full prefill would take {full:.3f} s: saved {full - ans.load_s - ans.prefill_s:.3f} s "
                       f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)")
-
-
-ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
-BootstrapOpt = Annotated[list[str] | None, typer.Option("--bootstrap", "-b",
-                                                        help="Peer multiaddr /ip4/../tcp/N/p2p/ID (repeatable).")]
 
 
 @app.command()

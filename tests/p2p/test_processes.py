@@ -101,3 +101,30 @@ def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
     with Store(home / "store") as store:
         assert store.missing_pieces(sm.id) == []
         assert store.check() == []
+
+
+def test_cli_generate_fetches_the_prefix_from_the_network(tmp_path):
+    """Three processes: bootstrap node B, publisher P, and `kvnet generate --bootstrap B` on C."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("kvnet lets agents reuse the KV cache of documents they share. " * 12)  # 744 tokens
+    b_home, p_home, c_home = tmp_path / "B", tmp_path / "P", tmp_path / "C"
+    for home in (b_home, p_home, c_home):
+        identity.generate(home / "identity.key")
+    pub = subprocess.run(_kvnet("publish", str(doc), "--model", "tiny", "--home", str(p_home)),
+                         capture_output=True, text=True, env=_env())
+    assert pub.returncode == 0, pub.stderr
+    b, b_addr = serve_process(b_home)
+    p, _ = serve_process(p_home, b_addr)
+    try:
+        prompt = tmp_path / "prompt.txt"
+        prompt.write_text(doc.read_text() + "Question: what do agents reuse?\nAnswer:")
+        gen = subprocess.run(_kvnet("generate", "--model", "tiny", "--prompt-file", str(prompt), "--home",
+                                    str(c_home), "--bootstrap", b_addr, "--max-new-tokens", "8", "--no-baseline"),
+                             capture_output=True, text=True, env=_env(), timeout=120)
+        assert gen.returncode == 0, gen.stderr
+        assert "network: fetched 744 tokens" in gen.stderr
+        assert "cached_tokens 744" in gen.stderr
+    finally:
+        for proc in (b, p):
+            proc.terminate()
+            proc.wait(10)
