@@ -13,6 +13,8 @@ from kvnet.engine import Engine
 from kvnet.manifest import MAX_PIECE_SIZE, SignedManifest, Terms
 from kvnet.store import Store
 
+STORE_BATCH = 16
+
 
 @dataclass(frozen=True)
 class PublishResult:
@@ -51,8 +53,11 @@ def publish_tokens(
     )
     store.put_manifest(signed.raw)
     pieces = artifact.split_pieces(data, piece_size)
-    for i, piece in enumerate(pieces):
-        store.put_piece(signed.id, i, piece)
+    for start in range(0, len(pieces), STORE_BATCH):  # group commits: one index transaction per batch
+        batch = [(i, pieces[i]) for i in range(start, min(start + STORE_BATCH, len(pieces)))]
+        _, errors = store.put_pieces(signed.id, batch)
+        if errors:  # cannot happen unless memory is corrupt: we just hashed these bytes
+            raise next(iter(errors.values()))
         if on_piece:
-            on_piece(i + 1, len(pieces))
+            on_piece(min(start + STORE_BATCH, len(pieces)), len(pieces))
     return PublishResult(signed, t1 - t0, time.perf_counter() - t0)
