@@ -67,7 +67,7 @@ async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, wi
         await nursery.start(client.run)
         found = None
         for _ in range(50):  # announcements may still be propagating
-            found = await client.find(b"", [], manifest_id=mid)
+            found = await client.find_manifest(mid)
             if found and len(found.providers) >= n_providers:
                 break
             await trio.sleep(0.2)

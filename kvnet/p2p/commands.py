@@ -48,7 +48,7 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         if manifest_id is not None:
-            found = await node.find(b"", [], manifest_id=manifest_id)
+            found = await node.find_manifest(manifest_id)
         else:
             found = await node.find(model_id, tokens or [])
         result = None

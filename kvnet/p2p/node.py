@@ -206,26 +206,33 @@ class Node:
             log.info("no offer from %s: %r", who, exc)
         return []
 
-    async def find(self, model_id: bytes, tokens: list[int], block_size: int = chain.DEFAULT_BLOCK_SIZE,
-                   manifest_id: bytes | None = None) -> Found | None:
-        """The network's longest prefix of `tokens` (or, with manifest_id, that manifest in full)."""
-        if manifest_id is not None:
-            providers = await kdht.find_provider_ids(self.dht, manifest_id, self.peer_id)
-            key, n, queries = manifest_id, None, 1
-        else:
-            hit = await kdht.find_longest_prefix(self.dht, model_id, tokens, block_size, self.peer_id)
-            if hit is None:
-                return None
-            providers, key, n, queries = hit.providers, hit.key, hit.n_tokens, hit.queries
+    async def find(self, model_id: bytes, tokens: list[int],
+                   block_size: int = chain.DEFAULT_BLOCK_SIZE) -> Found | None:
+        """The network's longest prefix of `tokens`: DHT prefix search, then offers from its providers."""
+        hit = await kdht.find_longest_prefix(self.dht, model_id, tokens, block_size, self.peer_id)
+        if hit is None:
+            return None
+        offers = await self._gather_offers(hit.providers, hit.key)
+        return self._best(offers, hit.key, hit.n_tokens, tokens, hit.queries)
+
+    async def find_manifest(self, manifest_id: bytes) -> Found | None:
+        """Who holds (part of) this manifest, and which pieces each has."""
+        providers = await kdht.find_provider_ids(self.dht, manifest_id, self.peer_id)
+        offers = await self._gather_offers(providers, manifest_id)
+        return self._best(offers, manifest_id, None, [], 1)
+
+    async def _gather_offers(self, providers: dict, key: bytes) -> list[Offer]:
         for pid, info in providers.items():
             self.host.get_peerstore().add_addrs(pid, info.addrs, PEER_ADDR_TTL)
         offers: list[Offer] = []
+
+        async def ask(pid: ID) -> None:
+            offers.extend(await self.offers(pid, key))
+
         async with trio.open_nursery() as nursery:
-            async def ask(pid: ID) -> None:
-                offers.extend(await self.offers(pid, key))
             for pid in providers:
                 nursery.start_soon(ask, pid)
-        return self._best(offers, key, n, tokens, queries)
+        return offers
 
     @staticmethod
     def _best(offers: list[Offer], key: bytes, n: int | None, tokens: list[int], queries: int) -> Found | None:

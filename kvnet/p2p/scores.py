@@ -20,6 +20,8 @@ AVOID_BELOW = -15.0
 class PeerScores:
     def __init__(self, path: Path | None) -> None:
         self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False,
                                   isolation_level=None, timeout=30)
         self.db.execute("CREATE TABLE IF NOT EXISTS scores(peer TEXT PRIMARY KEY, score REAL NOT NULL, "

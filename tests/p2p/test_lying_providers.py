@@ -58,7 +58,7 @@ async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
         for node in (honest2, liar, client):
             node.bootstrap = [boot.addrs[0]]
             await n.start(node.run)
-        found = await client.find(tiny_bf16.model_id, [], manifest_id=pub.manifest_id)
+        found = await client.find_manifest(pub.manifest_id)
         assert len(found.providers) == 3
         # make the liar first in line, so it is certainly asked for pieces first
         before = client.scores.good(liar.peer_id.to_base58(), 50)
@@ -73,3 +73,31 @@ async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
     assert after <= before - 4  # minus a small credit for the good pieces it sent first
     # the score persists across restarts of the client
     assert PeerScores(tmp_path / "C" / "scores.sqlite").get(liar_id) == after
+
+
+@pytest.mark.trio
+async def test_a_peer_with_a_low_score_is_avoided_later(tmp_path, tiny_bf16):
+    doc = random_tokens(2000, seed=42)
+    honest, liar = make_node(tmp_path, "H", timeout=2.0), make_node(tmp_path, "L", timeout=2.0)
+    pub = publish_tokens(tiny_bf16, honest.store, honest.key, doc, piece_size=16384)
+    liar.store.put_manifest(pub.signed.raw)
+    liar.store.put_pieces(pub.manifest_id, [(i, honest.store.read_piece(pub.manifest_id, i))
+                                            for i in range(len(pub.signed.manifest.pieces))])
+    liar.server = LyingServer(liar.runner, "flip")
+    liar_id = liar.peer_id.to_base58()
+    PeerScores(tmp_path / "C" / "scores.sqlite").bad(liar_id, "bad_piece")  # an earlier fetch caught it
+    PeerScores(tmp_path / "C" / "scores.sqlite").bad(liar_id, "bad_piece")
+    client = make_node(tmp_path, "C", timeout=2.0)  # a restarted node: scores come from disk
+    assert client.scores.avoided(liar_id)
+    async with trio.open_nursery() as n:
+        boot = await n.start(honest.run)
+        for node in (liar, client):
+            node.bootstrap = [boot.addrs[0]]
+            await n.start(node.run)
+        found = await client.find_manifest(pub.manifest_id)
+        assert {p.peer for p in found.providers} == {honest.peer_id.to_base58(), liar_id}
+        result = await client.fetch(found, found.signed.manifest.n_tokens)
+        n.cancel_scope.cancel()
+    assert result.providers[liar_id] == {"pieces": 0, "bytes": 0, "dropped": None}  # never asked
+    assert liar.server.served_pieces == 0
+    assert client.store.missing_pieces(pub.manifest_id) == []

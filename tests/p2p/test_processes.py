@@ -61,7 +61,7 @@ async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
 
     async with trio.open_nursery() as n:
         await n.start(client.run)
-        found = await client.find(b"", [], manifest_id=sm.id)
+        found = await client.find_manifest(sm.id)
         assert len(found.providers) == 2
         result = await client.fetch(found, sm.manifest.n_tokens, on_piece=on_piece, window=2, batch=2)
         n.cancel_scope.cancel()
