@@ -40,21 +40,16 @@ def _fetch_prefix(home: Path, bootstrap: list[str], model_id: bytes, prompt: lis
     except identity.IdentityError as exc:
         raise _fail(str(exc)) from exc
 
-    async def run():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            found = await node.find(model_id, prompt)
-            result = None
-            if found is not None and found.n_tokens > (local.n_tokens if local else 0):
-                with _progress() as prog:
-                    task = prog.add_task("fetch pieces", total=None)
-                    result = await node.fetch(found, on_piece=lambda d, t: prog.update(task, completed=d, total=t))
-            nursery.cancel_scope.cancel()
-        return found, result
-
-    found, result = trio.run(run)
+    with _progress() as prog:
+        task = prog.add_task("fetch pieces", total=None)
+        outcome = trio.run(lambda: commands.fetch(
+            node, model_id=model_id, tokens=prompt, min_tokens=(local.n_tokens if local else 0) + 1,
+            on_piece=lambda d, t: prog.update(task, completed=d, total=t)))
     node.store.close()
-    if result is not None:
+    found, result = outcome.found, outcome.result
+    if outcome.error:
+        console.print(f"network: fetch failed ({outcome.error}); continuing with the local store")
+    elif result is not None:
         console.print(f"network: fetched {found.n_tokens} tokens of KV ({result.bytes / 1e6:.1f} MB from "
                       f"{len(found.providers)} providers in {result.seconds:.2f} s)")
     elif found is None:
@@ -331,6 +326,8 @@ def fetch(
         outcome = trio.run(lambda: commands.fetch(node, on_piece=on_piece, on_found=on_found, **kwargs))
     if outcome.found is None:
         raise _fail("nothing found on the network")
+    if outcome.error:
+        raise _fail(f"fetch failed, nothing unverified was stored: {outcome.error}")
     r = outcome.result
     out.print(f"fetched {r.fetched} pieces ({r.bytes / 1e6:.1f} MB) in {r.seconds:.2f} s "
               f"({r.mb_per_s:.0f} MB/s); already had {r.already_had}")

@@ -11,9 +11,10 @@ from pathlib import Path
 import trio
 
 from kvnet import identity
-from kvnet.p2p.fetcher import FetchResult
+from kvnet.manifest import ManifestError
+from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node
-from kvnet.store import Store
+from kvnet.store import Store, StoreError
 
 
 def open_node(home: Path, listen: list[str] | None, bootstrap: list[str], timeout: float = 10.0,
@@ -39,26 +40,35 @@ async def serve(node: Node, on_ready: Callable[[Node], None]) -> None:
 class FetchOutcome:
     found: Found | None
     result: FetchResult | None
+    error: str | None = None  # why the fetch failed (nobody had some pieces, the store is full, ...)
 
 
 async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes | None = None,
-                tokens: list[int] | None = None, on_piece: Callable[[int, int], None] | None = None,
+                tokens: list[int] | None = None, min_tokens: int = 1,
+                on_piece: Callable[[int, int], None] | None = None,
                 on_found: Callable[[Found], None] | None = None) -> FetchOutcome:
-    """Join the network, find a manifest (by id, or the longest prefix of `tokens`), fetch it, leave."""
+    """Join the network, find a manifest (by id, or the longest prefix of `tokens`), fetch it, leave.
+
+    A prefix covering fewer than `min_tokens` tokens is found but not fetched (we have as much)."""
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         if manifest_id is not None:
             found = await node.find_manifest(manifest_id)
         else:
             found = await node.find(model_id, tokens or [])
-        result = None
+        result, error = None, None
+        if found is not None and found.n_tokens < min_tokens:
+            found = None
         if found is not None:
             if on_found:
                 on_found(found)
             n = found.signed.manifest.n_tokens if manifest_id is not None else found.n_tokens
-            result = await node.fetch(found, n, on_piece=on_piece)
+            try:
+                result = await node.fetch(found, n, on_piece=on_piece)
+            except (FetchError, StoreError, ManifestError) as exc:
+                error = str(exc)
         nursery.cancel_scope.cancel()
-    return FetchOutcome(found, result)
+    return FetchOutcome(found, result, error)
 
 
 def line(msg: str) -> None:

@@ -111,9 +111,10 @@ class Fetch:
         self.changed.set()
         self.changed = trio.Event()
 
-    def _anyone_can_help(self) -> bool:
+    def _obtainable(self) -> bool:
+        """Is some pending piece queued for writing or held by a live provider?"""
         live = [p for p in self.providers if p.dropped is None]
-        return all(i in self.queued or any(i in p.have for p in live) for i in self.pending)
+        return any(i in self.queued or any(i in p.have for p in live) for i in self.pending)
 
     # -- transfer -------------------------------------------------------------------------------
 
@@ -209,7 +210,7 @@ class Fetch:
                 self._wake()
 
     async def _worker(self, p: Provider) -> None:
-        while self.pending and p.dropped is None and self._anyone_can_help():
+        while self.pending and p.dropped is None and self._obtainable():
             pieces = self._take(p)
             if not pieces:
                 if not any(i in p.have for i in self.pending):
@@ -254,7 +255,7 @@ class Fetch:
             raise self.failure
 
     async def _until_settled(self) -> None:
-        while self.pending and self._anyone_can_help() and self.failure is None:
+        while self.pending and self._obtainable() and self.failure is None:
             await self.changed.wait()
 
 

@@ -128,3 +128,26 @@ def test_cli_generate_fetches_the_prefix_from_the_network(tmp_path):
         for proc in (b, p):
             proc.terminate()
             proc.wait(10)
+
+
+def test_fetch_from_a_partial_host_stores_what_exists_and_fails_clearly(tmp_path):
+    sm, pieces = fake_artifact(22, 8, kv_shape=(28, 8, 128))
+    home = tmp_path / "P"
+    identity.generate(home / "identity.key")
+    with Store(home / "store") as store:  # this host holds only the first 3 pieces
+        store.put_manifest(sm.raw)
+        store.put_pieces(sm.id, list(enumerate(pieces[:3])))
+    proc, addr = serve_process(home)
+    try:
+        f_home = tmp_path / "F"
+        identity.generate(f_home / "identity.key")
+        r = subprocess.run(_kvnet("fetch", "--home", str(f_home), "--bootstrap", addr, "--manifest", sm.id.hex()),
+                           capture_output=True, text=True, env=_env(), timeout=120)
+        assert r.returncode == 1
+        assert "fetch failed" in r.stderr and "could not be fetched" in r.stderr
+        with Store(f_home / "store") as store:
+            assert store.present_pieces(sm.id) == {0, 1, 2}  # kept, verified, ready to resume
+            assert store.check() == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
