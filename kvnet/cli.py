@@ -248,7 +248,7 @@ def generate(
             ans = answer(engine, store, prompt, max_new_tokens)
         except ArtifactError as exc:
             raise _fail(str(exc)) from exc
-    out.print(ans.text)
+    print(ans.text)  # plain: the model's text is not rich markup
     console.print(f"prompt_tokens {ans.prompt_tokens}  cached_tokens {ans.cached_tokens}  "
                   f"(manifest {ans.manifest_id.hex()[:16] if ans.manifest_id else '-'})")
     console.print(f"load {ans.load_s:.3f} s + prefill of the rest {ans.prefill_s:.3f} s; "
