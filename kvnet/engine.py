@@ -37,7 +37,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return DTYPES[self.dtype].itemsize
 
     @property
     def bytes_per_token(self) -> int:

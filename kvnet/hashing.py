@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import blake3
 
-DIGEST_SIZE = 32
-
 
 def b3(*parts: bytes | bytearray | memoryview) -> bytes:
     """BLAKE3 of the concatenation of `parts`."""

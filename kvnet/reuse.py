@@ -57,7 +57,7 @@ def answer(engine: Engine, store: Store, prompt: list[int], max_new_tokens: int,
     t2 = time.perf_counter()
     tokens = list(first.tokens)
     if max_new_tokens > 1 and not (stop_at_eos and tokens[-1] == engine.tokenizer.eos_token_id):
-        rest = engine.generate_from(first.kv.prefix(len(prompt)), tokens[-1:], max_new_tokens - 1,
+        rest = engine.generate_from(first.kv, tokens[-1:], max_new_tokens - 1,
                                     stop_at_eos=stop_at_eos)
         tokens += rest.tokens
     t3 = time.perf_counter()

@@ -70,7 +70,6 @@ class Node:
         self.host = make_host(key)
         self.dht = kdht.make_dht(self.host)
         self.peer_id: ID = self.host.get_id()
-        self.announced: set[bytes] = set()
         self._background: trio.Nursery | None = None
         self._announced_at_size = 0
 
@@ -153,7 +152,6 @@ class Node:
             await self.dht.put_value(kdht.manifest_key(mid), sm.raw)
         except Exception as exc:  # noqa: BLE001 - an expired manifest is still served by offer
             log.info("manifest %s not put in the DHT: %r", mid.hex()[:16], exc)
-        self.announced.add(mid)
 
     @staticmethod
     def _covered(sm: SignedManifest, i: int, have: set[int]) -> bool:
@@ -164,7 +162,6 @@ class Node:
         """Announce everything held; what was evicted is simply no longer announced."""
         self._announced_at_size = max(self._announced_at_size, self.dht.routing_table.size())
         entries = await self.runner.call(self.store.entries)
-        self.announced &= {e.id for e in entries}
         for e in entries:
             if e.present:
                 await self.announce(e.id)

@@ -101,14 +101,18 @@ class PieceServer:
             pass
         return False
 
+    async def _read_request(self, stream: Any) -> dict:
+        """The one request frame of a stream, within the request timeout and size limit."""
+        with trio.fail_after(self.request_timeout):
+            return await wire.read_frame(stream, wire.MAX_REQUEST)
+
     # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
 
     async def handle_offer(self, stream: Any) -> None:
         await self._guard(stream, "offer", self._offer)
 
     async def _offer(self, stream: Any) -> None:
-        with trio.fail_after(self.request_timeout):
-            req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        req = await self._read_request(stream)
         key = wire.field(req, "key", bytes, size=32)
         offers = await self.runner.call(self._offers_for, key)
         await wire.write_frame(stream, {
@@ -134,8 +138,7 @@ class PieceServer:
         await self._guard(stream, "pieces", self._pieces)
 
     async def _pieces(self, stream: Any) -> None:
-        with trio.fail_after(self.request_timeout):
-            req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        req = await self._read_request(stream)
         mid = wire.field(req, "manifest", bytes, size=32)
         indices = self._indices(wire.field(req, "ranges", list))
         try:
