@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet import chain, identity
 from kvnet.engine import DTYPES, KV, Engine, KVLayout
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import MAX_PIECE_SIZE, Manifest, SignedManifest, Terms
 
 
-class ArtifactError(ValueError):
+class ArtifactError(KvnetError, ValueError):
     """A piece failed verification or the KV does not fit the engine; nothing was loaded."""
 
 

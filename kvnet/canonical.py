@@ -11,8 +11,10 @@ from typing import Any
 
 import msgpack
 
+from kvnet.errors import KvnetError
 
-class CanonicalError(ValueError):
+
+class CanonicalError(KvnetError, ValueError):
     """Input is not valid canonical msgpack."""
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from kvnet import models
+from kvnet.errors import KvnetError
 from kvnet.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-class EngineError(ValueError):
+class EngineError(KvnetError, ValueError):
     """The engine was asked for something it cannot do (wrong model, bad tokens, bad KV shape)."""
 
 

@@ -10,8 +10,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kvnet.errors import KvnetError
 
-class IdentityError(ValueError):
+
+class IdentityError(KvnetError, ValueError):
     """A key file is missing, unreadable or not an Ed25519 key."""
 
 

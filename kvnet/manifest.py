@@ -15,6 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet import canonical, identity
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 
 FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ MAX_TOKENS = 1 << 22
 DTYPE_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-class ManifestError(ValueError):
+class ManifestError(KvnetError, ValueError):
     """A manifest is malformed, inconsistent, expired or not signed by its publisher."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import platformdirs
 
 from kvnet import canonical
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 
 KV_LAYOUT_VERSION = 1
@@ -77,7 +78,7 @@ _CONFIG_IGNORED = {
 }
 
 
-class ModelRefError(ValueError):
+class ModelRefError(KvnetError, ValueError):
     """A model ref names nothing loadable."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kvnet import chain
 from kvnet.artifact import ArtifactError, verify_piece
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import ManifestError, SignedManifest, parse
 
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS pieces(hash BLOB PRIMARY KEY, size INTEGER NOT NULL);
 """
 
 
-class StoreError(Exception):
+class StoreError(KvnetError):
     """A store operation failed; the store is unchanged."""
 
 

@@ -11,10 +11,30 @@ from pathlib import Path
 from typing import Protocol
 
 from kvnet import canonical
+from kvnet.errors import InputError
 from kvnet.hashing import b3
 
 # The special tokens of Qwen3's chat format, in Qwen3's order.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def read_text(path: Path) -> str:
+    """A document or prompt file as text: its exact bytes, which must be UTF-8 and not binary.
+
+    No locale, no newline translation, no BOM handling: the text is the file's bytes decoded as UTF-8,
+    so every machine tokenizes the same file to the same ids (docs/artifact.md, "Tokenization").
+    A file with a NUL byte is treated as binary and refused.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if b"\x00" in data:
+        raise InputError(f"{path} is binary (it contains NUL bytes), not a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from exc
 
 
 class Tokenizer(Protocol):

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from kvnet.errors import NetworkError
 from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
 from kvnet.p2p.scores import PeerScores
@@ -32,7 +33,7 @@ WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 Mi
 WRITE_BATCH = 16  # pieces per group commit
 
 
-class FetchError(Exception):
+class FetchError(NetworkError):
     """The fetch could not complete: every provider failed or nobody has some pieces."""
 
 

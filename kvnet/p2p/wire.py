@@ -11,13 +11,14 @@ import struct
 from typing import Any, Protocol
 
 from kvnet import canonical
+from kvnet.errors import KvnetError
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST = 16 * 1024
 MAX_RESPONSE = 16 * 1024 * 1024
 
 
-class WireError(Exception):
+class WireError(KvnetError):
     """The peer sent something malformed, oversized or unexpected, or closed early."""
 
     def __init__(self, code: str, msg: str) -> None:
