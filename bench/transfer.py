@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -64,7 +65,7 @@ def raw_tcp(mb: int) -> float:
 async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, window: int, batch: int) -> dict:
     client = Node(Ed25519PrivateKey.generate(), Store(tmp / "store"), bootstrap=[bootstrap], timeout=30)
     async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
+        await nursery.start(partial(client.run, announce=False))  # like `kvnet fetch`
         found = None
         for _ in range(50):  # announcements may still be propagating
             found = await client.find_manifest(mid)

@@ -6,6 +6,9 @@ therefore a prefix of the artifact, and the first n blocks load from the first p
 
 Loading copies each verified piece's bytes straight into preallocated per-layer tensors: one copy of
 the KV in total (the naive safetensors.load + DynamicCache path makes two).
+
+The torch-free parts (piece splitting and verification, ArtifactError) live in `kvnet.pieces` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -21,17 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet import chain, identity
 from kvnet.engine import DTYPES, KV, Engine, KVLayout
-from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import MAX_PIECE_SIZE, Manifest, SignedManifest, Terms
+from kvnet.pieces import ArtifactError, WrongModelError, split_pieces, verify_piece
 
-
-class ArtifactError(KvnetError, ValueError):
-    """A piece failed verification or the KV does not fit the engine; nothing was loaded."""
-
-
-class WrongModelError(ArtifactError):
-    """The artifact was computed by a different model than the engine that wants to load it."""
+__all__ = ["ArtifactError", "Segment", "WrongModelError", "build_manifest", "check_compatible", "kv_to_bytes",
+           "load_kv", "segments", "split_pieces", "verify_piece"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,6 @@ def kv_to_bytes(kv: KV, layout: KVLayout, block_size: int) -> memoryview:
         dst = buf[seg.offset : seg.offset + size].view(dtype).view(layout.kv_heads, seg.length, layout.head_dim)
         dst.copy_(src)
     return memoryview(buf.numpy()).cast("B")
-
-
-def split_pieces(data: memoryview, piece_size: int = MAX_PIECE_SIZE) -> list[memoryview]:
-    return [data[i : i + piece_size] for i in range(0, len(data), piece_size)]
 
 
 def build_manifest(
@@ -121,17 +115,6 @@ def check_compatible(m: Manifest, engine: Engine) -> None:
     lay = engine.layout
     if (m.dtype, tuple(m.kv_shape)) != (lay.dtype, (lay.layers, lay.kv_heads, lay.head_dim)):
         raise WrongModelError(f"artifact KV {m.dtype} {m.kv_shape} does not fit the engine's {lay}")
-
-
-def verify_piece(m: Manifest, index: int, data: bytes | bytearray | memoryview) -> None:
-    """Length and BLAKE3 of piece `index` against the signed manifest."""
-    if not 0 <= index < len(m.pieces):
-        raise ArtifactError(f"piece {index} out of range (artifact has {len(m.pieces)})")
-    want = m.piece_len(index)
-    if len(data) != want:
-        raise ArtifactError(f"piece {index}: {len(data)} bytes, manifest says {want} (truncated or padded)")
-    if b3(data) != m.pieces[index]:
-        raise ArtifactError(f"piece {index}: BLAKE3 mismatch (corrupt or forged)")
 
 
 def load_kv(

@@ -1,38 +1,61 @@
 """Canonical msgpack: one byte string per value, so hashes and signatures are reproducible.
 
-Rules: maps have str keys sorted by their UTF-8 bytes, ints use msgpack's smallest encoding, bytes are
-bin, text is str, no floats (times and prices are integers). `decode` rejects any input whose re-encoding
-differs, so two different byte strings never decode to the same value (ids stay unique).
+Rules (docs/artifact.md, "Canonical msgpack"): maps have str keys sorted by their UTF-8 bytes and no
+duplicates; every header takes msgpack's shortest form (ints, str, bin, array, map); bytes are bin,
+text is str; bool and nil are allowed; no floats, because times and prices are integers and a float
+has several plausible encodings. The one exception is the model identity, which must carry config.json
+floats: `encode(..., allow_float=True)` writes them as float 64 (0xcb), and only `kvnet.models` uses it.
+`decode` never accepts floats and rejects any input whose re-encoding differs, so two different byte
+strings never decode to the same value (ids stay unique).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
 
 from kvnet.errors import KvnetError
 
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
 
 class CanonicalError(KvnetError, ValueError):
     """Input is not valid canonical msgpack."""
 
 
-def _check(value: Any, path: str = "$") -> None:
+def _check(value: Any, allow_float: bool, path: str = "$") -> None:
     """Refuse types that have no single canonical encoding."""
-    if value is None or isinstance(value, bool | int | str | bytes):
+    if value is None or isinstance(value, bool | bytes):
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise CanonicalError(f"{path}: integer {value} is outside msgpack's range")
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CanonicalError(f"{path}: text is not valid Unicode (lone surrogate)") from exc
         return
     if isinstance(value, float):
-        raise CanonicalError(f"{path}: floats are not allowed in canonical encodings")
+        if not allow_float:
+            raise CanonicalError(f"{path}: floats are not allowed in canonical encodings")
+        if not math.isfinite(value):
+            raise CanonicalError(f"{path}: only finite floats can be encoded")
+        return
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check(item, f"{path}[{i}]")
+            _check(item, allow_float, f"{path}[{i}]")
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise CanonicalError(f"{path}: map keys must be str, got {type(key).__name__}")
-            _check(item, f"{path}.{key}")
+            _check(key, allow_float, f"{path} key")
+            _check(item, allow_float, f"{path}.{key}")
         return
     raise CanonicalError(f"{path}: type {type(value).__name__} cannot be encoded")
 
@@ -45,9 +68,11 @@ def _sorted(value: Any) -> Any:
     return value
 
 
-def encode(value: Any) -> bytes:
-    """Encode `value` canonically."""
-    _check(value)
+def encode(value: Any, *, allow_float: bool = False) -> bytes:
+    """Encode `value` canonically. `allow_float` is for the model identity only (see module doc)."""
+    _check(value, allow_float)
+    # msgpack-python already picks the shortest header for every type, uses str8 for short text
+    # (use_bin_type) and writes Python floats as float 64: exactly the canonical choices.
     return msgpack.packb(_sorted(value), use_bin_type=True)
 
 

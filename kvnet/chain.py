@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 
 DOMAIN = b"kvnet/chain/v1\x00"
@@ -24,23 +25,27 @@ DEFAULT_BLOCK_SIZE = 256
 MAX_TOKEN_ID = 2**32 - 1
 
 
+class ChainError(KvnetError, ValueError):
+    """Chain keys were asked for impossible input (a bad model id, token id or block size)."""
+
+
 def root_key(model_id: bytes) -> bytes:
     """k0: the chain's anchor, specific to one model identity."""
     if len(model_id) != 32:
-        raise ValueError(f"model_id must be 32 bytes, got {len(model_id)}")
+        raise ChainError(f"model_id must be 32 bytes, got {len(model_id)}")
     return b3(DOMAIN, model_id)
 
 
 def _pack(tokens: list[int]) -> bytes:
     if any(not 0 <= t <= MAX_TOKEN_ID for t in tokens):
-        raise ValueError("token ids must fit in u32")
+        raise ChainError("token ids must fit in u32")
     return struct.pack(f"<{len(tokens)}I", *tokens)
 
 
 def next_key(key: bytes, block: list[int]) -> bytes:
     """Extend the chain by one (full or partial) block of tokens."""
     if not block:
-        raise ValueError("a chain block must hold at least one token")
+        raise ChainError("a chain block must hold at least one token")
     return b3(key, _pack(block))
 
 
@@ -55,7 +60,7 @@ class ChainKey:
 def chain_keys(model_id: bytes, tokens: list[int], block_size: int = DEFAULT_BLOCK_SIZE) -> list[ChainKey]:
     """Keys at every block boundary, then one for the partial last block if there is one."""
     if block_size < 1:
-        raise ValueError("block_size must be positive")
+        raise ChainError("block_size must be positive")
     out: list[ChainKey] = []
     key = root_key(model_id)
     for start in range(0, len(tokens), block_size):
@@ -72,7 +77,7 @@ def key_at(model_id: bytes, tokens: list[int], n_tokens: int, block_size: int = 
     number of tokens must equal it.
     """
     if not 0 < n_tokens <= len(tokens):
-        raise ValueError(f"n_tokens {n_tokens} outside 1..{len(tokens)}")
+        raise ChainError(f"n_tokens {n_tokens} outside 1..{len(tokens)}")
     full = (n_tokens // block_size) * block_size
     keys = chain_keys(model_id, tokens[:full], block_size)
     key = keys[-1].key if keys else root_key(model_id)

@@ -1,86 +1,197 @@
-"""The `kvnet` command: keys, publish, list, show, verify, generate, exactness; serve and fetch on the network."""
+"""The `kvnet` command: keys, publish, list, show, verify, rm, gc, generate, exactness; serve and fetch.
+
+Every deliberate failure (a `KvnetError`, also when trio wraps it in an ExceptionGroup) becomes one
+line `error: ...` on stderr and exit code 1; a traceback means a bug. Inputs are checked before the
+model is loaded (the key, the files, the store, the bootstrap addresses), so a mistake costs no wait.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from kvnet import identity
+from kvnet import __version__, identity, logs
+from kvnet.errors import KvnetError
 from kvnet.hashing import b3
+from kvnet.tokenizer import read_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 out = Console()
 
+
+def kvnet_error(exc: BaseException) -> KvnetError | None:
+    """The KvnetError behind `exc`: itself, or the first one inside (nested) exception groups."""
+    if isinstance(exc, KvnetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = kvnet_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _print_error(err: KvnetError) -> None:
+    console.print("[red]error:[/red] " + escape(_one_line(err)), highlight=False)
+    for c in getattr(err, "candidates", None) or []:  # an ambiguous id prefix: show what it matches
+        console.print(f"  {c.id.hex()}  {c.n_tokens:>7} tokens  {c.title or ''}", markup=False, highlight=False)
+
+
+# click's UsageError, found through typer's public BadParameter: typer 0.2x vendors its own click.
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Group(TyperGroup):
+    """The command group; turns every KvnetError escaping a command into one line and exit 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERRORS as exc:  # a bad option value (--max-new-tokens 0, ...): one line too
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            name = exc.ctx.command_path if exc.ctx else "kvnet"
+            console.print("[red]error:[/red] " + escape(f"{exc.format_message()} (see `{name} --help`)"),
+                          highlight=False)
+            raise typer.Exit(code=exc.exit_code) from None
+        except (KvnetError, BaseExceptionGroup) as exc:
+            err = kvnet_error(exc)
+            if err is None:
+                raise
+            _print_error(err)
+            raise typer.Exit(code=1) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
+                  pretty_exceptions_enable=False)
+
 DEFAULT_HOME = Path(os.environ.get("KVNET_HOME", Path.home() / ".kvnet"))
+
+
+class Level(enum.StrEnum):
+    """The --log-level choices (kvnet.logs.LEVELS)."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _log_level(value: Level) -> Level:
+    logs.setup(value.value if isinstance(value, Level) else value)
+    return value
+
+
 Home = Annotated[Path, typer.Option("--home", envvar="KVNET_HOME", help="Node directory: key and store.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF folder, or tiny / qwen3-0.6b-shape / "
                                         "qwen3-4b-shape.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (default) or fp32.")]
-
-
-def _fetch_prefix(home: Path, bootstrap: list[str], model_id: bytes, prompt: list[int]) -> None:
-    """Fetch the network's longest prefix of `prompt` into the local store, if longer than ours."""
-    import trio
-
-    from kvnet.p2p import commands
-
-    with _store(home) as store:
-        local = store.lookup(model_id, prompt)
-    try:
-        node = commands.open_node(home, None, bootstrap)
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from exc
-
-    with _progress() as prog:
-        task = prog.add_task("fetch pieces", total=None)
-        outcome = trio.run(lambda: commands.fetch(
-            node, model_id=model_id, tokens=prompt, min_tokens=(local.n_tokens if local else 0) + 1,
-            on_piece=lambda d, t: prog.update(task, completed=d, total=t)))
-    node.store.close()
-    found, result = outcome.found, outcome.result
-    if outcome.error:
-        console.print(f"network: fetch failed ({outcome.error}); continuing with the local store")
-    elif result is not None:
-        console.print(f"network: fetched {found.n_tokens} tokens of KV ({result.bytes / 1e6:.1f} MB from "
-                      f"{len(found.providers)} providers in {result.seconds:.2f} s)")
-    elif found is None:
-        console.print("network: no longer prefix found")
-
-
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; messages stay on stderr.")]
+LogLevel = Annotated[Level, typer.Option(
+    "--log-level", envvar="KVNET_LOG_LEVEL", case_sensitive=False, callback=_log_level, is_eager=True,
+    help="Log detail on stderr (libp2p's own errors appear from info, all its logs at debug).")]
+IdArg = Annotated[str, typer.Argument(help="Manifest id or unique hex prefix of one.")]
 ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Multiaddr to listen on (repeatable).")]
 BootstrapOpt = Annotated[list[str] | None, typer.Option("--bootstrap", "-b",
                                                         help="Peer multiaddr /ip4/../tcp/N/p2p/ID (repeatable).")]
+PromptOpt = Annotated[Path, typer.Option("--prompt-file", exists=True, dir_okay=False,
+                                         help="UTF-8 text file holding the whole prompt.")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"kvnet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """kvnet: publish a document's KV cache once, reuse it token-exactly everywhere."""
 
 
 def _fail(msg: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {msg}")
+    console.print("[red]error:[/red] " + escape(msg), highlight=False)
     return typer.Exit(code=1)
 
 
-def _store(home: Path, verify_on_read: bool = False):
+def _emit_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _store(home: Path, write: bool = True):
+    """The home's store. Read-only commands open it read-only, so they work on a read-only home."""
     from kvnet.store import Store
 
-    return Store(home / "store", verify_on_read=verify_on_read)
+    return Store(home / "store", read_only=not write)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def check_model_folder(model: str) -> None:
+    """Refuse a model folder whose config.json is invalid JSON or not a Qwen3 model, before loading it.
+
+    transformers would fail later with a multi-line message about tokenizers or shapes; this says what
+    is wrong in one line. Built-in synthetic refs and refs that are not folders pass through (the
+    model code reports those)."""
+    from kvnet.models import SYNTHETIC_CONFIGS
+
+    config = Path(model).expanduser() / "config.json"
+    if model in SYNTHETIC_CONFIGS or not config.is_file():
+        return
+    try:
+        raw = json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"model folder {model}: config.json is not valid JSON ({_one_line(exc)})") from exc
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind != "qwen3":
+        raise _fail(f"model folder {model} is not a Qwen3 model (config.json model_type is {kind!r}; "
+                    "kvnet runs Qwen3 models)")
 
 
 def _engine(model: str, dtype: str):
-    from kvnet.engine import Engine, EngineError
-    from kvnet.models import ModelRefError
+    """Load a model; any failure to load it (bad ref, invalid or non-Qwen3 config.json) is one line."""
+    from kvnet.engine import Engine
 
+    check_model_folder(model)
     with console.status(f"loading model {model} ({dtype})"):
         try:
-            return Engine(model, dtype, progress=lambda s: console.print(s))
-        except (ModelRefError, EngineError) as exc:
-            raise _fail(str(exc)) from exc
+            return Engine(model, dtype, progress=lambda s: console.print(s, markup=False, highlight=False))
+        except KvnetError:
+            raise
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+            # transformers and json raise these for a folder that is not a usable Qwen3 checkpoint
+            raise _fail(f"cannot load model {model!r}: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _open_node(home: Path, listen: list[str] | None, bootstrap: list[str], **kw: Any):
+    """A network node for `home`: checks the key, the store and the bootstrap addresses right away."""
+    from kvnet.p2p import commands
+
+    logs.setup()  # libp2p was just imported, which resets its logger
+    node = commands.open_node(home, listen, bootstrap, **kw)
+    logs.setup()  # make_host sets libp2p's level itself
+    return node
+
+
+def _run_trio(fn: Any, *args: Any) -> Any:
+    """Run a trio function; the first KvnetError inside an ExceptionGroup comes out as itself."""
+    from kvnet.p2p import commands
+
+    return commands.run_trio(fn, *args)
 
 
 def _progress() -> Progress:
@@ -88,77 +199,144 @@ def _progress() -> Progress:
                     console=console, transient=True)
 
 
-def _resolve(store, ident: str) -> bytes:
-    from kvnet.store import StoreError
+def _ranges(indices: list[int]) -> str:
+    """Piece indices as compact ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    parts: list[str] = []
+    for i in sorted(indices):
+        if parts and parts[-1][1] == i - 1:
+            parts[-1] = (parts[-1][0], i)
+        else:
+            parts.append((i, i))
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in parts)
 
-    try:
-        return store.resolve_id(ident)
-    except StoreError as exc:
-        raise _fail(str(exc)) from exc
+
+def _hexify(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, list | tuple):
+        return [_hexify(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _hexify(x) for k, x in v.items()}
+    return v
+
+
+# -- keys and publishing ---------------------------------------------------------------------------
 
 
 @app.command()
-def keygen(home: Home = DEFAULT_HOME, force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False):
+def keygen(home: Home = DEFAULT_HOME, force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False,
+           log_level: LogLevel = Level.warning):
     """Create this node's Ed25519 identity key (mode 0600)."""
     path = home / "identity.key"
     try:
         key = identity.generate(path, force=force)
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from exc
-    out.print(f"wrote {path}\npublic key {identity.public_bytes(key).hex()}")
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror or exc}") from exc
+    out.print(f"wrote {path}\npublic key {identity.public_bytes(key).hex()}", highlight=False)
+
+
+def _publish_summary(sm, reused: bool, prefill_s: float | None, total_s: float | None) -> dict[str, Any]:
+    m = sm.manifest
+    return {"manifest_id": sm.id.hex(), "already_published": reused, "n_tokens": m.n_tokens,
+            "block_size": m.block_size, "blocks": len(m.chain), "total_bytes": m.total_bytes,
+            "pieces": len(m.pieces), "bytes_per_token": m.bytes_per_token, "prefill_s": prefill_s,
+            "total_s": total_s}
+
+
+def _print_publish(s: dict[str, Any]) -> None:
+    out.print(f"manifest  {s['manifest_id']}", highlight=False)
+    out.print(f"tokens    {s['n_tokens']}  ({s['blocks']} blocks of {s['block_size']})", highlight=False)
+    out.print(f"bytes     {s['total_bytes']:,}  in {s['pieces']} pieces  ({s['bytes_per_token']:,} B/token)",
+              highlight=False)
+    if s["prefill_s"] is not None:
+        out.print(f"time      prefill {s['prefill_s']:.2f} s, total {s['total_s']:.2f} s", highlight=False)
 
 
 @app.command()
 def publish(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Text document to publish.")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="UTF-8 text document to publish.")],
     model: ModelOpt,
     home: Home = DEFAULT_HOME,
     dtype: DtypeOpt = "bf16",
-    title: Annotated[str | None, typer.Option(help="Title recorded in the manifest.")] = None,
+    title: Annotated[str | None, typer.Option(help="Title recorded in the manifest (default: file name).")] = None,
     url: Annotated[str | None, typer.Option(help="Source URL recorded in the manifest.")] = None,
-    price: Annotated[int, typer.Option(help="Price per load, integer micro-units.")] = 0,
-    currency: Annotated[str, typer.Option(help="Currency label of the price.")] = "USD",
-    ttl: Annotated[int, typer.Option(help="Seconds until the manifest expires (0: never).")] = 0,
-    block_size: Annotated[int, typer.Option(help="Tokens per chain block.")] = 256,
+    price: Annotated[int, typer.Option(min=0, help="Price per load, integer micro-units (>= 0).")] = 0,
+    currency: Annotated[str, typer.Option(help="Currency label of the price (1-16 characters).")] = "USD",
+    ttl: Annotated[int, typer.Option(min=0, help="Seconds until the manifest expires (0: never).")] = 0,
+    block_size: Annotated[int, typer.Option(min=1, max=65536, help="Tokens per chain block (1-65536).")] = 256,
+    force: Annotated[bool, typer.Option(help="Publish a new manifest even if this key already published "
+                                             "the same tokens.")] = False,
+    as_json: JsonOpt = False,
+    log_level: LogLevel = Level.warning,
 ):
-    """Tokenize, prefill, sign and store FILE's KV; print its manifest id and sizes."""
-    from kvnet.manifest import Terms
-    from kvnet.publish import publish_tokens
+    """Tokenize, prefill, sign and store FILE's KV; print its manifest id and sizes.
 
-    try:
-        key = identity.load(home / "identity.key")
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from exc
-    text = file.read_text()
-    engine = _engine(model, dtype)
-    tokens = engine.tokenizer.encode(text)
-    if not tokens:
-        raise _fail(f"{file} holds no tokens")
-    source = {"title": title or file.name, "text_b3": b3(text.encode())}
-    if url:
-        source["url"] = url
-    n_layers = engine.layout.layers
-    with _progress() as prog, _store(home) as store:
-        t_pre = prog.add_task(f"prefill {len(tokens)} tokens", total=n_layers)
-        t_put = prog.add_task("store pieces", total=None)
-        res = publish_tokens(
-            engine, store, key, tokens, block_size=block_size, terms=Terms(price, currency), source=source,
-            ttl_seconds=ttl,
-            on_layer=lambda i: prog.update(t_pre, completed=i),
-            on_piece=lambda i, n: prog.update(t_put, completed=i, total=n),
-        )
-    m = res.signed.manifest
-    out.print(f"manifest  {res.manifest_id.hex()}")
-    out.print(f"tokens    {m.n_tokens}  ({len(m.chain)} blocks of {m.block_size})")
-    out.print(f"bytes     {m.total_bytes:,}  in {len(m.pieces)} pieces  ({m.bytes_per_token:,} B/token)")
-    out.print(f"time      prefill {res.prefill_s:.2f} s, total {res.total_s:.2f} s")
+    Publishing the same document again (same model, tokens and block size, same key) reuses the
+    existing complete manifest unless --force."""
+    from kvnet.manifest import Terms
+    from kvnet.publish import find_existing, publish_tokens
+
+    if not 0 < len(currency) <= 16:
+        raise _fail("--currency must be 1 to 16 characters")
+    key = identity.load(home / "identity.key")  # before the model: a missing key costs no wait
+    text = read_text(file)
+    with _store(home) as store:
+        engine = _engine(model, dtype)
+        tokens = engine.tokenizer.encode(text)
+        if not tokens:
+            raise _fail(f"{file} holds no tokens")
+        existing = None if force else find_existing(engine, store, key, tokens, block_size)
+        if existing is not None:
+            console.print(f"already published by this key: {existing.id.hex()} (reusing it; --force publishes "
+                          "a new manifest)", markup=False, highlight=False)
+            summary = _publish_summary(existing, True, None, None)
+        else:
+            # text_b3 is BLAKE3 of the file's exact bytes: read_text decoded them losslessly as UTF-8
+            source: dict[str, Any] = {"title": title or file.name, "text_b3": b3(text.encode("utf-8"))}
+            if url:
+                source["url"] = url
+            with _progress() as prog:
+                t_pre = prog.add_task(f"prefill {len(tokens)} tokens", total=engine.layout.layers)
+                t_put = prog.add_task("store pieces", total=None)
+                res = publish_tokens(
+                    engine, store, key, tokens, block_size=block_size, terms=Terms(price, currency),
+                    source=source, ttl_seconds=ttl,
+                    on_layer=lambda i: prog.update(t_pre, completed=i),
+                    on_piece=lambda i, n: prog.update(t_put, completed=i, total=n),
+                )
+            summary = _publish_summary(res.signed, False, round(res.prefill_s, 4), round(res.total_s, 4))
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_publish(summary)
+
+
+# -- the local store ---------------------------------------------------------------------------------
 
 
 @app.command("ls")
-def ls(home: Home = DEFAULT_HOME):
-    """List stored artifacts, most recently used first."""
-    with _store(home) as store:
-        entries = store.entries()
+def ls(
+    prefix: Annotated[str, typer.Argument(help="Only ids starting with this hex prefix.")] = "",
+    home: Home = DEFAULT_HOME,
+    as_json: JsonOpt = False,
+    log_level: LogLevel = Level.warning,
+):
+    """List stored artifacts, most recently used first (works on a read-only home)."""
+    from kvnet.store import NotFoundError
+
+    try:
+        with _store(home, write=False) as store:
+            entries = store.entries(prefix)
+    except NotFoundError:
+        entries = []  # no store yet: nothing stored
+    if prefix and not entries:
+        raise _fail(f"no manifest id starts with {prefix!r}")
+    if as_json:
+        _emit_json({"artifacts": [{
+            "id": e.id.hex(), "title": e.title, "model_id": e.model_id.hex(), "n_tokens": e.n_tokens,
+            "total_bytes": e.total_bytes, "pieces": e.n_pieces, "pieces_present": e.present, "complete": e.complete,
+            "pinned": e.pinned, "last_used": round(e.last_used, 3)} for e in entries]})
+        return
     table = Table("title", "tokens", "MB", "pieces", "pinned", "last used")
     table.add_column("id", no_wrap=True)
     for e in entries:
@@ -169,33 +347,31 @@ def ls(home: Home = DEFAULT_HOME):
 
 
 @app.command()
-def show(ident: Annotated[str, typer.Argument(help="Manifest id or unique prefix.")], home: Home = DEFAULT_HOME):
-    """Print a manifest as JSON (bytes as hex)."""
-    with _store(home) as store:
-        sm = store.get_manifest(_resolve(store, ident))
+def show(ident: IdArg, home: Home = DEFAULT_HOME, log_level: LogLevel = Level.warning):
+    """Print a manifest as JSON (bytes as hex); works on a read-only home."""
+    with _store(home, write=False) as store:
+        sm = store.get_manifest(store.resolve_id(ident))
         present = len(store.present_pieces(sm.id))
-    body = sm.manifest.body()
-
-    def hexify(v):
-        if isinstance(v, bytes):
-            return v.hex()
-        if isinstance(v, list):
-            return [hexify(x) for x in v]
-        if isinstance(v, dict):
-            return {k: hexify(x) for k, x in v.items()}
-        return v
-
-    print(json.dumps({"id": sm.id.hex(), "pieces_present": present, **hexify(body)}, indent=2))
+    print(json.dumps({"id": sm.id.hex(), "pieces_present": present, **_hexify(sm.manifest.body())}, indent=2))
 
 
 @app.command()
-def verify(ident: Annotated[str, typer.Argument(help="Manifest id or unique prefix.")], home: Home = DEFAULT_HOME):
-    """Re-check the manifest signature and every stored piece's hash."""
-    from kvnet.artifact import ArtifactError
-    from kvnet.store import NotFoundError
+def verify(ident: IdArg, home: Home = DEFAULT_HOME, log_level: LogLevel = Level.warning):
+    """Re-check the manifest signature and every stored piece's hash; fail if any is corrupt or missing.
 
-    with _store(home) as store:
-        mid = _resolve(store, ident)
+    Corrupt pieces are dropped from the store (on a read-only home they are only reported)."""
+    from kvnet.store import NotFoundError, StoreError
+
+    try:
+        store = _store(home)
+    except StoreError as exc:
+        if isinstance(exc, NotFoundError):
+            raise
+        console.print(f"note: {exc}; verifying read-only (corrupt pieces are reported, not dropped)",
+                      markup=False, highlight=False)
+        store = _store(home, write=False)
+    with store:
+        mid = store.resolve_id(ident)
         sm = store.get_manifest(mid)
         bad, missing = [], []
         for i in range(len(sm.manifest.pieces)):
@@ -203,116 +379,214 @@ def verify(ident: Annotated[str, typer.Argument(help="Manifest id or unique pref
                 store.read_piece(mid, i, verify=True)
             except NotFoundError:
                 missing.append(i)
-            except ArtifactError as exc:
+            except KvnetError as exc:  # a corrupt piece (ArtifactError)
                 bad.append(str(exc))
     for line in bad:
-        console.print(f"[red]{line}[/red]")
+        console.print(line, style="red", markup=False, highlight=False)
     n = len(sm.manifest.pieces)
     out.print(f"signature ok; {n - len(bad) - len(missing)}/{n} pieces verified, {len(missing)} missing, "
-              f"{len(bad)} corrupt (dropped)")
-    if bad:
+              f"{len(bad)} corrupt", highlight=False)
+    if missing:
+        console.print(f"[red]error:[/red] incomplete artifact: missing pieces {_ranges(missing)} "
+                      f"({len(missing)} of {n}); `kvnet fetch --manifest {mid.hex()}` can complete it",
+                      highlight=False)
+    if bad or missing:
         raise typer.Exit(code=1)
 
 
 @app.command()
-def pin(ident: str, home: Home = DEFAULT_HOME, off: Annotated[bool, typer.Option("--off")] = False):
-    """Protect an artifact from eviction (or release it with --off)."""
+def pin(ident: IdArg, home: Home = DEFAULT_HOME,
+        off: Annotated[bool, typer.Option("--off", help="Release the pin instead.")] = False,
+        log_level: LogLevel = Level.warning):
+    """Protect an artifact from eviction, gc and rm (or release it with --off)."""
     with _store(home) as store:
-        store.pin(_resolve(store, ident), not off)
+        store.pin(store.resolve_id(ident), not off)
+
+
+@app.command()
+def rm(ident: IdArg, home: Home = DEFAULT_HOME,
+       force: Annotated[bool, typer.Option(help="Remove it even if it is pinned.")] = False,
+       log_level: LogLevel = Level.warning):
+    """Remove one artifact and the pieces no other artifact shares (a pinned one needs --force)."""
+    with _store(home) as store:
+        mid = store.resolve_id(ident)
+        store.delete(mid, force=force)
+    out.print(f"removed {mid.hex()}", highlight=False)
+
+
+@app.command()
+def gc(home: Home = DEFAULT_HOME,
+       dry_run: Annotated[bool, typer.Option(help="Only list what would be removed.")] = False,
+       as_json: JsonOpt = False,
+       log_level: LogLevel = Level.warning):
+    """Remove partial artifacts (pieces missing) and superseded ones (pinned ones are kept).
+
+    Superseded: the same publisher has a newer, complete manifest for the same model and the same
+    tokens (same block size and chain), e.g. after `publish --force` with new terms."""
+    with _store(home) as store:
+        items = store.gc(dry_run=dry_run)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "removed": [
+            {"id": i.id.hex(), "reason": i.reason, "superseded_by": i.superseded_by.hex() if i.superseded_by else None,
+             "n_tokens": i.n_tokens, "title": i.title, "piece_bytes": i.piece_bytes} for i in items]})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for i in items:
+        why = f"superseded by {i.superseded_by.hex()[:16]}" if i.superseded_by else i.reason
+        out.print(f"{verb} {i.id.hex()}  {i.n_tokens} tokens  {i.title or ''}  ({why})", highlight=False)
+    out.print(f"{verb} {len(items)} artifacts", highlight=False)
+
+
+# -- answering ---------------------------------------------------------------------------------------
+
+
+def _fetch_prefix(node, model_id: bytes, prompt: list[int]) -> dict[str, Any]:
+    """Fetch the network's longest prefix of `prompt` into the node's store, if longer than ours.
+
+    Any network failure (no peer reachable, a fetch that failed) is reported and generation goes on
+    with the local store: the network is an optimisation here, never a requirement."""
+    from kvnet.p2p import commands
+
+    local = node.store.lookup(model_id, prompt)
+    with _progress() as prog:
+        task = prog.add_task("fetch pieces", total=None)
+        try:
+            outcome = _run_trio(lambda: commands.fetch(
+                node, model_id=model_id, tokens=prompt, min_tokens=(local.n_tokens if local else 0) + 1,
+                on_piece=lambda d, t: prog.update(task, completed=d, total=t)))
+        except KvnetError as exc:
+            console.print(f"network: {_one_line(exc)}; continuing with the local store", markup=False,
+                          highlight=False)
+            return {"error": str(exc), "fetched_tokens": 0}
+    found, result = outcome.found, outcome.result
+    if outcome.error:
+        console.print(f"network: fetch failed ({outcome.error}); continuing with the local store",
+                      markup=False, highlight=False)
+        return {"error": outcome.error, "fetched_tokens": 0}
+    if result is not None:
+        console.print(f"network: fetched {found.n_tokens} tokens of KV ({result.bytes / 1e6:.1f} MB from "
+                      f"{len(found.providers)} providers in {result.seconds:.2f} s)", highlight=False)
+        return {"error": None, "fetched_tokens": found.n_tokens, "bytes": result.bytes,
+                "providers": len(found.providers), "seconds": round(result.seconds, 4)}
+    console.print("network: no longer prefix found", highlight=False)
+    return {"error": None, "fetched_tokens": 0}
 
 
 @app.command()
 def generate(
     model: ModelOpt,
-    prompt_file: Annotated[Path, typer.Option("--prompt-file", exists=True, dir_okay=False)],
+    prompt_file: PromptOpt,
     home: Home = DEFAULT_HOME,
     dtype: DtypeOpt = "bf16",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1,
+                                                help="Most tokens to generate (>= 1).")] = 32,
     baseline: Annotated[bool, typer.Option(help="Also run a full prefill to measure the time saved.")] = True,
     bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+    log_level: LogLevel = Level.warning,
 ):
     """Answer a prompt, reusing the longest stored KV prefix; report cached tokens and time saved.
 
-    With --bootstrap, first look for a longer prefix on the network and fetch it (verified)."""
-    from kvnet.artifact import ArtifactError
+    With --bootstrap, first look for a longer prefix on the network and fetch it (verified); if no
+    peer answers, say so and answer from the local store."""
     from kvnet.reuse import answer
 
-    engine = _engine(model, dtype)
-    prompt = engine.tokenizer.encode(prompt_file.read_text())
-    if not prompt:
-        raise _fail("the prompt is empty")
-    if bootstrap:
-        _fetch_prefix(home, bootstrap, engine.model_id, prompt)
-    with _store(home) as store:
-        try:
-            ans = answer(engine, store, prompt, max_new_tokens)
-        except ArtifactError as exc:
-            raise _fail(str(exc)) from exc
-    print(ans.text)  # plain: the model's text is not rich markup
-    console.print(f"prompt_tokens {ans.prompt_tokens}  cached_tokens {ans.cached_tokens}  "
-                  f"(manifest {ans.manifest_id.hex()[:16] if ans.manifest_id else '-'})")
-    console.print(f"load {ans.load_s:.3f} s + prefill of the rest {ans.prefill_s:.3f} s; "
-                  f"generation {ans.generate_s:.3f} s")
+    text = read_text(prompt_file)
+    node = _open_node(home, None, bootstrap) if bootstrap else None  # key + bootstrap checked before the model
+    store = node.store if node is not None else _store(home)
+    with store:
+        engine = _engine(model, dtype)
+        prompt = engine.tokenizer.encode(text)
+        if not prompt:
+            raise _fail("the prompt is empty")
+        network = _fetch_prefix(node, engine.model_id, prompt) if node is not None else None
+        ans = answer(engine, store, prompt, max_new_tokens)
+    full = None
     if baseline and ans.cached_tokens:
         t0 = time.perf_counter()
         engine.generate_from(None, prompt, 1)
         full = time.perf_counter() - t0
+    if as_json:
+        _emit_json({"text": ans.text, "tokens": ans.tokens, "prompt_tokens": ans.prompt_tokens,
+                    "cached_tokens": ans.cached_tokens,
+                    "manifest_id": ans.manifest_id.hex() if ans.manifest_id else None,
+                    "timings": {"load_s": round(ans.load_s, 4), "prefill_s": round(ans.prefill_s, 4),
+                                "generate_s": round(ans.generate_s, 4),
+                                "full_prefill_s": round(full, 4) if full is not None else None},
+                    "network": network})
+    else:
+        print(ans.text)  # plain: the model's text is not rich markup
+    console.print(f"prompt_tokens {ans.prompt_tokens}  cached_tokens {ans.cached_tokens}  "
+                  f"(manifest {ans.manifest_id.hex()[:16] if ans.manifest_id else '-'})", highlight=False)
+    console.print(f"load {ans.load_s:.3f} s + prefill of the rest {ans.prefill_s:.3f} s; "
+                  f"generation {ans.generate_s:.3f} s", highlight=False)
+    if full is not None:
         console.print(f"full prefill would take {full:.3f} s: saved {full - ans.load_s - ans.prefill_s:.3f} s "
-                      f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)")
+                      f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)", highlight=False)
+
+
+# -- the network -------------------------------------------------------------------------------------
 
 
 @app.command()
 def serve(home: Home = DEFAULT_HOME, listen: ListenOpt = None, bootstrap: BootstrapOpt = None,
-          capacity_mb: Annotated[int | None, typer.Option(help="Store capacity (LRU eviction).")] = None):
+          capacity_mb: Annotated[int | None, typer.Option(min=1, help="Store capacity in MiB (LRU eviction); "
+                                                                     "default unlimited.")] = None,
+          log_level: LogLevel = Level.warning):
     """Join the network and serve this node's store until interrupted (prints its address)."""
-    import trio
-
     from kvnet.p2p import commands
 
+    node = _open_node(home, listen, bootstrap or [], capacity_bytes=capacity_mb * 2**20 if capacity_mb else None)
+    _run_trio(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"))
+
+
+def _manifest_arg(manifest: str) -> bytes:
     try:
-        node = commands.open_node(home, listen, bootstrap or [],
-                                  capacity_bytes=capacity_mb * 2**20 if capacity_mb else None)
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from exc
-    trio.run(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"))
+        mid = bytes.fromhex(manifest)
+    except ValueError:
+        mid = b""
+    if len(mid) != 32:
+        raise _fail("--manifest takes a full 64-hex-digit manifest id")
+    return mid
 
 
 @app.command()
 def fetch(
     home: Home = DEFAULT_HOME,
     bootstrap: BootstrapOpt = None,
-    manifest: Annotated[str | None, typer.Option(help="Fetch this manifest id in full.")] = None,
+    manifest: Annotated[str | None, typer.Option(help="Fetch this manifest id (64 hex digits) in full.")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", exists=True, dir_okay=False,
                                                      help="Fetch the longest network prefix of this prompt.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model ref (with --prompt-file).")] = None,
     dtype: DtypeOpt = "bf16",
     log_pieces: Annotated[bool, typer.Option(help="Print a line per stored piece (for scripts).")] = False,
+    as_json: JsonOpt = False,
+    log_level: LogLevel = Level.warning,
 ):
     """Find KV on the network (by manifest id or by a prompt's prefix), fetch it verified, store it."""
-    import trio
-
-    from kvnet.p2p import commands
-
     if (manifest is None) == (prompt_file is None):
         raise _fail("give exactly one of --manifest or --prompt-file")
-    kwargs: dict = {}
+    if not bootstrap:
+        raise _fail("no peer was asked (no --bootstrap given): fetch needs at least one peer address")
+    kwargs: dict[str, Any] = {}
     if manifest is not None:
-        try:
-            kwargs["manifest_id"] = bytes.fromhex(manifest)
-        except ValueError:
-            kwargs["manifest_id"] = b""
-        if len(kwargs["manifest_id"]) != 32:
-            raise _fail("--manifest takes a full 64-hex-digit manifest id")
-    else:
-        if model is None:
-            raise _fail("--prompt-file needs --model")
-        engine = _engine(model, dtype)
-        kwargs["model_id"] = engine.model_id
-        kwargs["tokens"] = engine.tokenizer.encode(prompt_file.read_text())
-    try:
-        node = commands.open_node(home, None, bootstrap or [])
-    except identity.IdentityError as exc:
-        raise _fail(str(exc)) from exc
+        kwargs["manifest_id"] = _manifest_arg(manifest)
+    elif model is None:
+        raise _fail("--prompt-file needs --model")
+    text = read_text(prompt_file) if prompt_file is not None else None
+    node = _open_node(home, None, bootstrap)  # key, store and bootstrap checked before the model
+    with node.store:
+        if text is not None:
+            engine = _engine(model, dtype)
+            kwargs["model_id"] = engine.model_id
+            kwargs["tokens"] = engine.tokenizer.encode(text)
+        outcome = _fetch_run(node, log_pieces, as_json, kwargs)
+    _fetch_report(outcome, as_json)
+
+
+def _fetch_run(node, log_pieces: bool, as_json: bool, kwargs: dict[str, Any]):
+    from kvnet.p2p import commands
+
     with _progress() as prog:
         task = prog.add_task("fetch pieces", total=None)
 
@@ -322,35 +596,66 @@ def fetch(
                 commands.line(f"piece {done}/{total}")
 
         def on_found(f) -> None:
-            commands.line(f"found {f.signed.id.hex()} covering {f.n_tokens} tokens at {len(f.providers)} providers")
+            msg = f"found {f.signed.id.hex()} covering {f.n_tokens} tokens at {len(f.providers)} providers"
+            if as_json:  # stdout holds only the JSON object
+                console.print(msg, highlight=False)
+            else:
+                commands.line(msg)
 
-        outcome = trio.run(lambda: commands.fetch(node, on_piece=on_piece, on_found=on_found, **kwargs))
-    if outcome.found is None:
-        raise _fail("nothing found on the network")
-    if outcome.error:
-        raise _fail(f"fetch failed, nothing unverified was stored: {outcome.error}")
-    r = outcome.result
+        return _run_trio(lambda: commands.fetch(node, on_piece=on_piece, on_found=on_found, **kwargs))
+
+
+def _fetch_report(outcome, as_json: bool) -> None:
+    found, r = outcome.found, outcome.result
+    error = outcome.error or (None if found is not None else "nothing found on the network")
+    summary: dict[str, Any] = {"ok": error is None, "error": error,
+                               "manifest_id": found.signed.id.hex() if found else None,
+                               "n_tokens": found.n_tokens if found else None}
+    if r is not None:
+        summary.update({"fetched": r.fetched, "already_had": r.already_had, "bytes": r.bytes,
+                        "seconds": round(r.seconds, 4), "mb_per_s": round(r.mb_per_s, 2),
+                        "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"]}
+                                      for p, s in r.providers.items()}})
+    if as_json:
+        _emit_json(summary)
+    if error is not None:
+        if found is not None:
+            raise _fail(f"fetch failed, nothing unverified was stored: {error}")
+        raise _fail(error)
+    if as_json:
+        return
     out.print(f"fetched {r.fetched} pieces ({r.bytes / 1e6:.1f} MB) in {r.seconds:.2f} s "
-              f"({r.mb_per_s:.0f} MB/s); already had {r.already_had}")
+              f"({r.mb_per_s:.0f} MB/s); already had {r.already_had}", highlight=False)
     for peer, stats in r.providers.items():
         out.print(f"  {peer}: {stats['pieces']} pieces" + (f", dropped ({stats['dropped']})"
-                                                          if stats["dropped"] else ""))
+                                                          if stats["dropped"] else ""), highlight=False)
+
+
+# -- the experiment ----------------------------------------------------------------------------------
 
 
 @app.command()
 def exactness(
     model: ModelOpt = "tiny",
-    doc_tokens: Annotated[int, typer.Option("--doc-tokens")] = 300,
-    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 32,
+    doc_tokens: Annotated[int, typer.Option("--doc-tokens", min=1, help="Document length in tokens (>= 1).")] = 300,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate and compare "
+                                                                        "(>= 1).")] = 32,
     dtype: DtypeOpt = "bf16",
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the generated document.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
+    log_level: LogLevel = Level.warning,
 ):
     """Publish a seeded document, reload it in a fresh process, and compare with prefill."""
     from kvnet import exactness as exp
 
+    check_model_folder(model)
     with console.status(f"exactness: {model} {dtype}, {doc_tokens} document tokens, {new_tokens} new"):
-        report = exp.run(model, doc_tokens, new_tokens, dtype, seed, progress=lambda s: console.print(s))
+        try:
+            report = exp.run(model, doc_tokens, new_tokens, dtype, seed, progress=lambda s: console.print(s))
+        except KvnetError:
+            raise
+        except (ValueError, OSError, KeyError, TypeError) as exc:  # a model folder that does not load
+            raise _fail(f"cannot load model {model!r}: {type(exc).__name__}: {_one_line(exc)}") from exc
     report.pop("tokens", None)
     if as_json:
         print(json.dumps(report, indent=2))

@@ -179,6 +179,9 @@ class Engine:
 
         One pass, never chunked: the KV bytes of a document are then a function of the document, model
         and profile alone, so every publisher of the same document produces identical piece hashes.
+        With `kv`, `tokens` run at positions kv.n_tokens.. after it, and the caller's `kv` is left
+        unchanged: that recomputes block j from blocks 0..j-1's KV (block audits). The result equals a
+        one-pass prefill within rounding, not bitwise (tests/test_engine_reference.py states by how much).
         `on_layer(i)` reports progress after decoder layer i.
         """
         if not tokens:

@@ -23,6 +23,10 @@ SIG_DOMAIN = b"kvnet/manifest/v1\x00"
 MAX_PIECE_SIZE = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_TOKENS = 1 << 22
+MAX_KV_DIM = 4096  # each of layers, kv heads, head dim
+MAX_BLOCK_SIZE = 1 << 16
+MAX_CURRENCY_BYTES = 16  # UTF-8 bytes, not characters: the same count in every language
+TERMS_FIELDS = frozenset({"price_per_load", "currency"})
 DTYPE_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -124,6 +128,12 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "publisher": bytes, "terms": dict, "created": int, "expires": int, "source": dict, "sig": bytes,
 }
 _SOURCE_FIELDS = {"title": str, "url": str, "text_b3": bytes}
+_SOURCE_SIZES = {"text_b3": 32}
+
+
+def _is_int(v: Any) -> bool:
+    """An integer that is not a bool (msgpack keeps them apart; Python does not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -137,10 +147,10 @@ def _validate(m: Manifest) -> None:
     _need(len(m.model_id) == 32, "field model_id: must be 32 bytes")
     _need(len(m.publisher) == 32, "field publisher: must be a 32-byte Ed25519 public key")
     _need(m.dtype in DTYPE_SIZES, f"field dtype: unknown dtype {m.dtype!r}")
-    _need(len(m.kv_shape) == 3 and all(isinstance(x, int) and 0 < x <= 4096 for x in m.kv_shape),
-          "field kv_shape: must be three positive ints [layers, kv_heads, head_dim]")
+    _need(len(m.kv_shape) == 3 and all(_is_int(x) and 0 < x <= MAX_KV_DIM for x in m.kv_shape),
+          f"field kv_shape: must be three ints [layers, kv_heads, head_dim], each in 1..{MAX_KV_DIM}")
     _need(0 < m.n_tokens <= MAX_TOKENS, f"field n_tokens: must be in 1..{MAX_TOKENS}")
-    _need(0 < m.block_size <= 65536, "field block_size: must be in 1..65536")
+    _need(0 < m.block_size <= MAX_BLOCK_SIZE, f"field block_size: must be in 1..{MAX_BLOCK_SIZE}")
     _need(0 < m.piece_size <= MAX_PIECE_SIZE, f"field piece_size: must be in 1..{MAX_PIECE_SIZE}")
     _need(m.total_bytes == m.n_tokens * m.bytes_per_token,
           f"field total_bytes: {m.total_bytes} != n_tokens x bytes per token "
@@ -151,13 +161,18 @@ def _validate(m: Manifest) -> None:
     _need(len(m.pieces) == math.ceil(m.total_bytes / m.piece_size),
           f"field pieces: {len(m.pieces)} hashes for {m.total_bytes} bytes in pieces of {m.piece_size}")
     _need(all(isinstance(h, bytes) and len(h) == 32 for h in m.pieces), "field pieces: hashes must be 32 bytes")
-    _need(m.terms.price_per_load >= 0, "field terms.price_per_load: must be >= 0")
-    _need(0 < len(m.terms.currency) <= 16, "field terms.currency: 1..16 chars")
+    _need(_is_int(m.terms.price_per_load) and m.terms.price_per_load >= 0,
+          "field terms.price_per_load: must be an int >= 0")
+    _need(isinstance(m.terms.currency, str) and 0 < len(m.terms.currency.encode()) <= MAX_CURRENCY_BYTES,
+          f"field terms.currency: must be 1..{MAX_CURRENCY_BYTES} bytes of UTF-8")
     _need(m.created >= 0 and m.expires >= 0, "fields created/expires: must be >= 0")
     _need(m.expires == 0 or m.expires > m.created, "field expires: must be after created (or 0)")
-    _need(all(isinstance(v, str) for v in m.profile.values()), "field profile: values must be str")
+    _need(all(isinstance(k, str) and isinstance(v, str) for k, v in m.profile.items()),
+          "field profile: keys and values must be str")
     for k, v in m.source.items():
         _need(k in _SOURCE_FIELDS and isinstance(v, _SOURCE_FIELDS[k]), f"field source.{k}: not allowed")
+        _need(k not in _SOURCE_SIZES or len(v) == _SOURCE_SIZES[k],
+              f"field source.{k}: must be {_SOURCE_SIZES.get(k)} bytes")
 
 
 def parse(raw: bytes, now: int | None = None, allow_expired: bool = False) -> SignedManifest:
@@ -176,8 +191,8 @@ def parse(raw: bytes, now: int | None = None, allow_expired: bool = False) -> Si
         ok = isinstance(d[name], typ) and not (typ is int and isinstance(d[name], bool))
         _need(ok, f"field {name}: expected {typ.__name__}, got {type(d[name]).__name__}")
     terms = d["terms"]
-    _need(set(terms) == {"price_per_load", "currency"} and isinstance(terms["price_per_load"], int)
-          and isinstance(terms["currency"], str), "field terms: needs int price_per_load and str currency")
+    _need(set(terms) == TERMS_FIELDS and _is_int(terms["price_per_load"]) and isinstance(terms["currency"], str),
+          "field terms: exactly int price_per_load and str currency")
     m = Manifest(
         model_id=d["model_id"], profile=d["profile"], dtype=d["dtype"], kv_shape=tuple(d["kv_shape"]),
         n_tokens=d["n_tokens"], block_size=d["block_size"], chain=tuple(d["chain"]),

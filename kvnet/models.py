@@ -71,11 +71,26 @@ SYNTHETIC_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Config keys that do not change what the model computes.
-_CONFIG_IGNORED = {
-    "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "initializer_range",
+# Top-level config.json keys left out of the model id, exhaustively (docs/artifact.md, "Model identity"):
+# bookkeeping, output switches and the init scale, none of which changes what a forward pass computes.
+# The storage dtype is left out because the dtype the model *runs* in enters the id on its own.
+CONFIG_IGNORED = frozenset({
+    "_name_or_path", "dtype", "initializer_range", "output_attentions", "output_hidden_states",
+    "return_dict", "torch_dtype", "transformers_version", "use_cache",
+})
+_CONFIG_IGNORED = CONFIG_IGNORED  # the old name, kept for importers
+
+MODEL_ID_DOMAIN = "kvnet/model/v2"
+# Bumped whenever the weights digest's definition changes, so a cached digest of the old kind is redone.
+WEIGHTS_FORMAT = "kvnet/weights/v2"
+RUN_DTYPES = ("bf16", "fp16", "fp32")
+# safetensors dtype names and their element sizes in bytes.
+SAFETENSORS_DTYPES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_HASH_CHUNK = 8 * 1024 * 1024
 
 
 class ModelRefError(KvnetError, ValueError):
@@ -153,7 +168,7 @@ def build_synthetic(name: str, folder: Path, progress: Callable[[str], None] | N
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(synthetic_state_dict(name), str(tmp / "model.safetensors"))
         (tmp / SYNTHETIC_MARKER).write_text(
-            json.dumps({"name": name, "version": SYNTHETIC_VERSION, "tokenizer": "kvnet-byte-v1"})
+            json.dumps({"name": name, "version": SYNTHETIC_VERSION, "tokenizer": "kvnet-byte-v2"})
         )
         if folder.exists():  # another process won the race; keep theirs
             shutil.rmtree(tmp)
@@ -164,20 +179,50 @@ def build_synthetic(name: str, folder: Path, progress: Callable[[str], None] | N
         raise
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ModelRefError(f"config.json: key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ModelRefError(f"config.json: {name} is not a JSON number")
+
+
+def parse_config_json(data: bytes) -> dict[str, Any]:
+    """config.json bytes as the value that enters the model id.
+
+    JSON numbers written with '.', 'e' or 'E' become binary64 floats (the nearest double, as any
+    strtod gives), all other numbers integers; NaN/Infinity, duplicate keys, a BOM or non-UTF-8 bytes
+    are refused, so the value is the same in every language that follows docs/artifact.md.
+    """
+    try:
+        text = data.decode("utf-8")
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ModelRefError(f"config.json is not UTF-8 (invalid byte at offset {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelRefError(f"config.json is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    if not isinstance(raw, dict):
+        raise ModelRefError("config.json must hold a JSON object")
+    config = {k: v for k, v in raw.items() if k not in CONFIG_IGNORED}
+    try:
+        canonical.encode(config, allow_float=True)
+    except canonical.CanonicalError as exc:
+        raise ModelRefError(f"config.json cannot enter the model id: {exc}") from exc
+    return config
+
+
 def canonical_config(folder: Path) -> dict[str, Any]:
-    """The architecture config as a canonical-encodable dict (floats as repr strings)."""
-    raw = json.loads((folder / "config.json").read_text())
-
-    def norm(v: Any) -> Any:
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, dict):
-            return {str(k): norm(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [norm(x) for x in v]
-        return v
-
-    return {k: norm(v) for k, v in raw.items() if k not in _CONFIG_IGNORED}
+    """The architecture config that enters the model id (floats stay floats, encoded as float 64)."""
+    try:
+        data = (folder / "config.json").read_bytes()
+    except OSError as exc:
+        raise ModelRefError(f"cannot read {folder / 'config.json'}: {exc.strerror or exc}") from exc
+    return parse_config_json(data)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -191,35 +236,97 @@ def _file_stamp(files: list[Path]) -> list[list[Any]]:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its raw little-endian bytes lie in the file."""
+
+    name: str
+    dtype: str  # the safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute file offset
+    end: int
+
+
+def read_safetensors_index(path: Path) -> list[TensorEntry]:
+    """The tensors of one safetensors file, read with plain file I/O (no torch, no data loaded).
+
+    Layout: u64 little-endian header length N, N bytes of JSON header, then the data; each tensor's
+    `data_offsets` are relative to the end of the header. Sizes are checked against dtype and shape
+    so a digest never covers bytes that are not the tensor.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelRefError(f"{path.name}: too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ModelRefError(f"{path.name}: safetensors header of {n} bytes does not fit")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelRefError(f"{path.name}: safetensors header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise ModelRefError(f"{path.name}: safetensors header is not a JSON object")
+    return [_tensor_entry(path, name, info, 8 + n, size) for name, info in header.items() if name != "__metadata__"]
+
+
+def _tensor_entry(path: Path, name: str, info: Any, base: int, size: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        elem = SAFETENSORS_DTYPES[dtype]
+        dims = [int(d) for d in shape if isinstance(d, int) and not isinstance(d, bool) and d >= 0]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelRefError(f"{path.name}: tensor {name!r} has an unusable header entry") from exc
+    if len(dims) != len(shape):
+        raise ModelRefError(f"{path.name}: tensor {name!r} has a shape that is not a list of sizes")
+    count = 1
+    for d in dims:
+        count *= d
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and base + end <= size
+            and end - begin == count * elem):
+        raise ModelRefError(f"{path.name}: tensor {name!r} has inconsistent data_offsets")
+    return TensorEntry(name, dtype, tuple(dims), path, base + begin, base + end)
+
+
+def tensor_header(entry: TensorEntry) -> bytes:
+    """The canonical map that precedes a tensor's bytes in the weights digest."""
+    return canonical.encode({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape)})
+
+
 def _hash_weights(files: list[Path]) -> bytes:
-    """Hash every tensor (name, dtype, shape, raw bytes) in name order, streaming one tensor at a time.
+    """Hash every tensor (header map, then raw bytes) in name order, streaming a chunk at a time.
 
     Hashing tensors rather than files makes the digest independent of the safetensors header layout
-    and of how the checkpoint is sharded.
+    and of how the checkpoint is sharded; reading the bytes straight from the file keeps torch out.
     """
     import blake3
-    import torch
-    from safetensors import safe_open
 
-    where: dict[str, Path] = {}
+    entries: dict[str, TensorEntry] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
-                where[k] = f
+        for e in read_safetensors_index(f):
+            if e.name in entries:
+                raise ModelRefError(f"tensor {e.name!r} appears in both {entries[e.name].file.name} and {f.name}")
+            entries[e.name] = e
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
     handles: dict[Path, Any] = {}
     try:
-        for name in sorted(where):
-            f = where[name]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt").__enter__()
-            t = handles[f].get_tensor(name)
-            h.update(canonical.encode({"name": name, "dtype": str(t.dtype), "shape": list(t.shape)}))
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy())
-            del t
+        for name in sorted(entries, key=lambda s: s.encode()):
+            e = entries[name]
+            fh = handles.get(e.file) or handles.setdefault(e.file, e.file.open("rb"))
+            h.update(tensor_header(e))
+            fh.seek(e.start)
+            left = e.end - e.start
+            while left:
+                chunk = fh.read(min(left, _HASH_CHUNK))
+                if not chunk:
+                    raise ModelRefError(f"{e.file.name}: ends inside tensor {name!r}")
+                h.update(chunk)
+                left -= len(chunk)
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for fh in handles.values():
+            fh.close()
     return h.digest()
 
 
@@ -231,12 +338,12 @@ def weights_digest(folder: Path) -> bytes:
     for path in candidates:
         try:
             cached = json.loads(path.read_text())
-            if cached.get("stamp") == stamp:
+            if cached.get("format") == WEIGHTS_FORMAT and cached.get("stamp") == stamp:
                 return bytes.fromhex(cached["digest"])
         except (OSError, ValueError, KeyError):
             continue
     digest = _hash_weights(files)
-    record = json.dumps({"stamp": stamp, "digest": digest.hex()})
+    record = json.dumps({"format": WEIGHTS_FORMAT, "stamp": stamp, "digest": digest.hex()})
     for path in candidates:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,13 +356,22 @@ def weights_digest(folder: Path) -> bytes:
     return digest
 
 
-def model_id(folder: Path, dtype: str, tokenizer_identity: bytes) -> bytes:
-    """BLAKE3 over the canonical config, weights, run dtype, tokenizer identity and KV layout version."""
-    return b3(canonical.encode({
-        "domain": "kvnet/model/v1",
-        "config": canonical_config(folder),
-        "weights": weights_digest(folder),
+def model_id_preimage(config: dict[str, Any], weights: bytes, dtype: str, tokenizer_identity: bytes) -> bytes:
+    """The exact bytes whose BLAKE3 is the model id (docs/artifact.md, "Model identity")."""
+    if dtype not in RUN_DTYPES:
+        raise ModelRefError(f"run dtype must be one of {', '.join(RUN_DTYPES)}, got {dtype!r}")
+    if len(weights) != 32 or len(tokenizer_identity) != 32:
+        raise ModelRefError("weights digest and tokenizer identity must be 32-byte BLAKE3 digests")
+    return canonical.encode({
+        "domain": MODEL_ID_DOMAIN,
+        "config": config,
+        "weights": bytes(weights),
         "dtype": dtype,
-        "tokenizer": tokenizer_identity,
+        "tokenizer": bytes(tokenizer_identity),
         "kv_layout": KV_LAYOUT_VERSION,
-    }))
+    }, allow_float=True)
+
+
+def model_id(folder: Path, dtype: str, tokenizer_identity: bytes) -> bytes:
+    """BLAKE3 over the config, weights digest, run dtype, tokenizer identity and KV layout version."""
+    return b3(model_id_preimage(canonical_config(folder), weights_digest(folder), dtype, tokenizer_identity))

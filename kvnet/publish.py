@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvnet import artifact, chain
+from kvnet import artifact, chain, identity
 from kvnet.engine import Engine
 from kvnet.manifest import MAX_PIECE_SIZE, SignedManifest, Terms
 from kvnet.store import Store
@@ -25,6 +25,17 @@ class PublishResult:
     @property
     def manifest_id(self) -> bytes:
         return self.signed.id
+
+
+def find_existing(engine: Engine, store: Store, key: Ed25519PrivateKey, tokens: list[int],
+                  block_size: int = chain.DEFAULT_BLOCK_SIZE) -> SignedManifest | None:
+    """This key's complete artifact of exactly `tokens` for this model and block size, if stored.
+
+    Publishing it again would prefill for nothing and leave two manifests that differ only in their
+    timestamps, so `kvnet publish` reuses this one unless told --force. An incomplete one does not
+    count: a new publish replaces it (and `kvnet gc` later removes it as superseded)."""
+    mid = store.find_published(engine.model_id, identity.public_bytes(key), tokens, block_size)
+    return store.get_manifest(mid) if mid is not None else None
 
 
 def publish_tokens(

@@ -11,6 +11,11 @@ the index. A piece is served or loaded only if the index lists it, and the index
 its bytes were verified and durably renamed; a writer killed at any point leaves at worst a stray tmp
 file (removed on the next open) or an unindexed file (re-verified and adopted, or deleted, on open).
 Several processes may use one store: SQLite runs in WAL mode with a busy timeout.
+
+A store can also be opened read-only (`read_only=True`: listing, showing and verifying on a read-only
+home). It then never writes: no recovery, no index changes, corrupt pieces are reported but not dropped.
+An unwritable or unusable store directory is a `StoreError` naming the directory, never a raw
+sqlite3 or OS error.
 """
 
 from __future__ import annotations
@@ -20,16 +25,17 @@ import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvnet import chain
-from kvnet.artifact import ArtifactError, verify_piece
 from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import ManifestError, SignedManifest, parse
+from kvnet.pieces import ArtifactError, verify_piece
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests(
@@ -62,6 +68,30 @@ class NotFoundError(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
+
+
+class AmbiguousIdError(StoreError):
+    """An id prefix matches several manifests; `candidates` lists them so a caller can show them."""
+
+    def __init__(self, message: str, candidates: list[Entry]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
+class PinnedError(StoreError):
+    """The artifact is pinned; removing it needs an explicit force."""
+
+
+@dataclass(frozen=True)
+class GcItem:
+    """One artifact `gc` removes (or would remove), and why: "partial" or "superseded"."""
+
+    id: bytes
+    reason: str
+    superseded_by: bytes | None
+    n_tokens: int
+    title: str | None
+    piece_bytes: int  # bytes of its pieces on disk (some may be shared with artifacts that stay)
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _reason(exc: BaseException | None) -> str:
+    """A short human reason for an OS or SQLite error (no errno tuple, no class name)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -112,24 +149,69 @@ def _fsync_dir(path: Path) -> None:
 class Store:
     """A crash-safe, multi-process local store of KV artifacts."""
 
-    def __init__(self, root: Path, capacity_bytes: int | None = None, verify_on_read: bool = False) -> None:
+    def __init__(self, root: Path, capacity_bytes: int | None = None, verify_on_read: bool = False,
+                 read_only: bool = False) -> None:
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self.verify_on_read = verify_on_read
+        self.read_only = read_only
         self._manifests: dict[bytes, SignedManifest] = {}  # parsed and verified; immutable by id
-        for sub in ("manifests", "pieces", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        # check_same_thread=False: network code calls the store from worker threads, one call at a
-        # time (the caller serializes; see kvnet.p2p.server.StoreRunner).
-        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        for stmt in SCHEMA.split(";"):
-            if stmt.strip():
-                self.db.execute(stmt)
-        self.recover()
+        self.db = self._open_read_only() if read_only else self._open_writable()
+
+    def _open_writable(self) -> sqlite3.Connection:
+        """Create (if needed), open and recover the store; any OS or SQLite failure names the directory."""
+        db = None
+        try:
+            for sub in ("manifests", "pieces", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._probe_write()
+            # check_same_thread=False: network code calls the store from worker threads, one call at a
+            # time (the caller serializes; see kvnet.p2p.server.StoreRunner).
+            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            self.db = db
+            self.recover()
+        except (OSError, sqlite3.Error) as exc:
+            if db is not None:
+                db.close()
+            raise StoreError(f"cannot write to the store directory {self.root}: {_reason(exc)}") from exc
+        return db
+
+    def _probe_write(self) -> None:
+        """Create and remove a file in tmp/: a read-only directory fails here with the OS's own reason
+        ("Read-only file system", "Permission denied") instead of SQLite's "unable to open database file"."""
+        probe = self.root / "tmp" / f"{os.getpid()}-probe-{secrets.token_hex(4)}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open an existing index without writing anything.
+
+        `mode=ro` still needs the WAL's -shm file to exist or be creatable; in a read-only directory
+        after a clean shutdown it is neither, and then `immutable=1` is the only way SQLite reads the
+        file. That is safe here: nobody can be writing to a directory that is read-only (for us).
+        """
+        index = self.root / "index.sqlite"
+        if not index.is_file():
+            raise NotFoundError(f"no store at {self.root} (nothing was published or fetched there yet)")
+        uri = "file:" + urllib.parse.quote(str(index.resolve()))
+        last: sqlite3.Error | None = None
+        for flags in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                db = sqlite3.connect(f"{uri}?{flags}", uri=True, timeout=60, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("SELECT COUNT(*) FROM manifests").fetchone()
+                return db
+            except sqlite3.Error as exc:
+                last = exc
+        raise StoreError(f"cannot read the store index {index}: {_reason(last)}")
 
     def close(self) -> None:
         self.db.close()
@@ -239,14 +321,35 @@ class Store:
         return [r[0] for r in rows]
 
     def resolve_id(self, prefix: str) -> bytes:
-        """A full manifest id from a unique hex prefix (for the CLI)."""
-        rows = self.db.execute("SELECT id FROM manifests").fetchall()
-        hits = [r[0] for r in rows if r[0].hex().startswith(prefix.lower())]
+        """A full manifest id from a unique hex prefix (for the CLI).
+
+        An ambiguous prefix raises `AmbiguousIdError` carrying the candidates, so the user can pick."""
+        hits = self.entries(prefix)
         if not hits:
             raise NotFoundError(f"no manifest id starts with {prefix!r}")
         if len(hits) > 1:
-            raise StoreError(f"{prefix!r} is ambiguous ({len(hits)} manifests)")
-        return hits[0]
+            raise AmbiguousIdError(f"{prefix!r} is ambiguous: {len(hits)} manifests start with it", hits)
+        return hits[0].id
+
+    def find_published(self, model_id: bytes, publisher: bytes, tokens: list[int], block_size: int) -> bytes | None:
+        """A complete artifact by `publisher` of exactly these tokens (same model, same block size).
+
+        The last chain key commits to every token (it is a hash chain), so (model, block size, token
+        count, last key) identifies the token sequence. Used to avoid publishing a document twice.
+        Among several, the newest (latest `created`) is returned; an expired one never is.
+        """
+        if not tokens:
+            return None
+        last = chain.key_at(model_id, tokens, len(tokens), block_size)
+        rows = self.db.execute(
+            "SELECT m.id, m.n_pieces FROM manifests m JOIN chain c ON c.manifest_id = m.id "
+            "WHERE c.key=? AND c.n_tokens=? AND m.model_id=? AND m.publisher=? AND m.block_size=? "
+            "AND m.n_tokens=? AND (m.expires = 0 OR m.expires > ?) ORDER BY m.created DESC, m.added DESC",
+            (last, len(tokens), model_id, publisher, block_size, len(tokens), int(time.time()))).fetchall()
+        for mid, n_pieces in rows:
+            if len(self.present_pieces(mid)) == n_pieces:
+                return mid
+        return None
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -319,6 +422,8 @@ class Store:
         return data
 
     def _forget_piece(self, h: bytes) -> None:
+        if self.read_only:  # reported by the caller; dropping it is left to a writable open
+            return
         with self._write():
             self.db.execute("DELETE FROM pieces WHERE hash=?", (h,))
         self._piece_path(h).unlink(missing_ok=True)
@@ -339,13 +444,16 @@ class Store:
 
     # -- listing, use, pins, eviction -----------------------------------------------------------
 
-    def entries(self) -> list[Entry]:
+    def entries(self, prefix: str = "") -> list[Entry]:
+        """Stored artifacts, most recently used first; only ids starting with hex `prefix` if given."""
         rows = self.db.execute(
             "SELECT m.id, m.model_id, m.n_tokens, m.total_bytes, m.n_pieces, "
             "(SELECT COUNT(*) FROM manifest_pieces mp JOIN pieces p ON p.hash=mp.hash "
             " WHERE mp.manifest_id=m.id), m.title, m.pinned, m.last_used "
             "FROM manifests m ORDER BY m.last_used DESC").fetchall()
-        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8]) for r in rows]
+        prefix = prefix.lower()
+        return [Entry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8]) for r in rows
+                if r[0].hex().startswith(prefix)]
 
     def touch(self, mid: bytes) -> None:
         with self._write():
@@ -373,6 +481,63 @@ class Store:
         for h in orphans:
             self._piece_path(h).unlink(missing_ok=True)
         self._manifest_path(mid).unlink(missing_ok=True)
+
+    def delete(self, mid: bytes, force: bool = False) -> None:
+        """Remove one artifact on request (`kvnet rm`). A pinned one is kept unless `force`."""
+        row = self.db.execute("SELECT pinned FROM manifests WHERE id=?", (mid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no manifest {mid.hex()} in the store")
+        if row[0] and not force:
+            raise PinnedError(f"{mid.hex()[:16]} is pinned; unpin it (`kvnet pin --off`) or use --force")
+        self.remove(mid)
+
+    def gc_candidates(self) -> list[GcItem]:
+        """Unpinned artifacts that are partial or superseded: what `gc` removes.
+
+        partial:    some of its pieces are missing (an interrupted or prefix-only fetch, or evicted pieces).
+        superseded: another manifest in the store by the same publisher covers exactly the same tokens
+                    (same model, block size, token count and last chain key), is complete, and is newer
+                    (later `created`; ties broken by later arrival, then id). A publisher supersedes
+                    its own manifest by publishing the same document again with --force (new terms,
+                    title or expiry); the old one only takes space.
+        Pinned artifacts are never candidates.
+        """
+        rows = self.db.execute(
+            "SELECT m.id, m.model_id, m.publisher, m.block_size, m.n_tokens, m.n_pieces, m.created, m.added, "
+            "m.title, m.pinned, (SELECT c.key FROM chain c WHERE c.manifest_id=m.id ORDER BY c.n_tokens DESC "
+            "LIMIT 1) FROM manifests m").fetchall()
+        present = {r[0]: self._present_bytes(r[0]) for r in rows}
+        newest: dict[tuple, tuple] = {}
+        for r in rows:
+            if present[r[0]][0] == r[5]:  # complete
+                group = (r[1], r[2], r[3], r[4], r[10])
+                if group not in newest or (r[6], r[7], r[0]) > newest[group][:3]:
+                    newest[group] = (r[6], r[7], r[0])
+        out: list[GcItem] = []
+        for r in rows:
+            if r[9]:
+                continue
+            best = newest.get((r[1], r[2], r[3], r[4], r[10]))
+            n_present, nbytes = present[r[0]]
+            if best is not None and best[2] != r[0] and best[:3] > (r[6], r[7], r[0]):
+                out.append(GcItem(r[0], "superseded", best[2], r[4], r[8], nbytes))
+            elif n_present < r[5]:
+                out.append(GcItem(r[0], "partial", None, r[4], r[8], nbytes))
+        return out
+
+    def _present_bytes(self, mid: bytes) -> tuple[int, int]:
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(p.size),0) FROM manifest_pieces mp JOIN pieces p ON p.hash = mp.hash "
+            "WHERE mp.manifest_id=?", (mid,)).fetchone()
+        return row[0], row[1]
+
+    def gc(self, dry_run: bool = False) -> list[GcItem]:
+        """Remove partial and superseded artifacts (see `gc_candidates`); with `dry_run`, only list them."""
+        items = self.gc_candidates()
+        if not dry_run:
+            for item in items:
+                self.remove(item.id)
+        return items
 
     def _make_room(self, incoming: int, protect: bytes) -> None:
         """Evict least-recently-used unpinned artifacts until `incoming` more bytes fit."""

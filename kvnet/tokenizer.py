@@ -2,11 +2,16 @@
 
 Both expose the same small interface, including `identity`, a digest that goes into the model id:
 two tokenizers that could map the same text to different ids must never share a model id.
+
+`encode(text)` treats every character of the text as text: a special-token string such as
+`<|im_end|>` inside a document or prompt is tokenized like any other characters, never as the special
+id, so a document cannot forge chat structure. Special ids enter only through `special_id(name)` and
+`encode_chat`, for code that builds chat prompts itself (docs/artifact.md, "Tokenization").
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -44,16 +49,34 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def special_id(self, name: str) -> int: ...
     def identity(self) -> bytes: ...
+
+
+def encode_chat(tok: Tokenizer, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Qwen3's chat format: `<|im_start|>` role "\n" content `<|im_end|>` "\n" per message.
+
+    The structure tokens are special ids; roles and contents are encoded as text, so a message
+    that contains `<|im_end|>` cannot close its turn early. With `add_generation_prompt` the ids end
+    with `<|im_start|>assistant\n`, ready for the model's answer.
+    """
+    start, end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
+    ids: list[int] = []
+    for role, content in messages:
+        ids += [start, *tok.encode(role + "\n"), *tok.encode(content), end, *tok.encode("\n")]
+    if add_generation_prompt:
+        ids += [start, *tok.encode("assistant\n")]
+    return ids
 
 
 class ByteTokenizer:
     """Bytes 0-255 map to ids 0-255; Qwen3's chat special tokens follow at 256.
 
     Deterministic and dependency-free, so synthetic models tokenize identically on every machine.
+    `encode` is exactly the text's UTF-8 bytes (specials never come out of it).
     """
 
-    name = "kvnet-byte-v1"
+    name = "kvnet-byte-v2"
 
     def __init__(self) -> None:
         self.special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -61,16 +84,15 @@ class ByteTokenizer:
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
         self.pad_token_id = self.special["<|endoftext|>"]
         self.eos_token_id = self.special["<|im_end|>"]
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for part in self._split.split(text):
-            if part in self.special:
-                ids.append(self.special[part])
-            elif part:
-                ids.extend(part.encode("utf-8"))
-        return ids
+        return list(text.encode("utf-8"))
+
+    def special_id(self, name: str) -> int:
+        """The id of a special token, for code that builds chat prompts."""
+        if name not in self.special:
+            raise InputError(f"{name!r} is not a special token of {self.name}")
+        return self.special[name]
 
     def decode(self, ids: list[int]) -> str:
         out: list[str] = []
@@ -87,19 +109,29 @@ class ByteTokenizer:
             out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def identity_map(self) -> dict[str, object]:
+        """The exact map whose canonical BLAKE3 is this tokenizer's identity (docs/artifact.md)."""
+        return {"name": self.name, "special": list(SPECIAL_TOKENS)}
+
     def identity(self) -> bytes:
-        return b3(canonical.encode({"name": self.name, "special": list(SPECIAL_TOKENS)}))
+        return b3(canonical.encode(self.identity_map()))
 
 
 # Files whose bytes define a Hugging Face tokenizer's behaviour.
-_HF_TOKENIZER_FILES = (
+HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
 )
+_HF_TOKENIZER_FILES = HF_TOKENIZER_FILES  # the old name, kept for importers
+HF_IDENTITY_NAME = "kvnet-hf-v2"
 
 
 class HFTokenizer:
-    """A tokenizer loaded from a local model folder; never downloads."""
+    """A tokenizer loaded from a local model folder; never downloads.
+
+    Text is encoded with `add_special_tokens=False` (no BOS/EOS added) and `split_special_tokens=True`
+    (special-token strings in the text are split as ordinary text), the same rule as ByteTokenizer.
+    """
 
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
@@ -113,15 +145,28 @@ class HFTokenizer:
         self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
+        return list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def special_id(self, name: str) -> int:
+        """The id of one of the tokenizer's special (added) tokens."""
+        specials = {str(t): i for t, i in zip(self.tok.all_special_tokens, self.tok.all_special_ids, strict=True)}
+        added = {str(t): int(i) for t, i in self.tok.get_added_vocab().items()}
+        found = specials.get(name, added.get(name))
+        if found is None:
+            raise InputError(f"{name!r} is not a special token of the tokenizer in {self.folder}")
+        return int(found)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def identity(self) -> bytes:
+    def identity_map(self) -> dict[str, object]:
+        """The exact map whose canonical BLAKE3 is this tokenizer's identity (docs/artifact.md)."""
         files = {}
-        for name in _HF_TOKENIZER_FILES:
+        for name in HF_TOKENIZER_FILES:
             path = self.folder / name
             if path.is_file():
                 files[name] = b3(path.read_bytes())
-        return b3(canonical.encode({"name": "hf", "files": files}))
+        return {"name": HF_IDENTITY_NAME, "files": files}
+
+    def identity(self) -> bytes:
+        return b3(canonical.encode(self.identity_map()))

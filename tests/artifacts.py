@@ -11,9 +11,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvnet import artifact, identity
+from kvnet import identity
 from kvnet.hashing import b3
 from kvnet.manifest import Manifest, Terms
+from kvnet.pieces import split_pieces
 from kvnet.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +30,14 @@ def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20, kv_shape: tuple
     data = random.Random(seed).randbytes(n_tokens * per_token)
     m = Manifest(
         model_id=bytes([seed % 256]) * 32, profile={"device": "test"}, dtype="bf16", kv_shape=kv_shape,
-        n_tokens=n_tokens, block_size=256, chain=tuple(bytes([seed % 256, i % 256]) * 16
-                                                      for i in range(-(-n_tokens // 256))),
-        piece_size=piece_size, pieces=tuple(b3(p) for p in artifact.split_pieces(memoryview(data),
+        n_tokens=n_tokens, block_size=256, chain=tuple((bytes([seed % 256]) + i.to_bytes(3, "big")) * 8
+                                                      for i in range(-(-n_tokens // 256))),  # distinct keys
+        piece_size=piece_size, pieces=tuple(b3(p) for p in split_pieces(memoryview(data),
                                                                                        piece_size)),
         total_bytes=len(data), publisher=identity.public_bytes(_KEY), terms=Terms(), created=1, expires=0,
         source={"title": f"fake {seed}"},
     )
-    return m.sign(_KEY), [bytes(p) for p in artifact.split_pieces(memoryview(data), piece_size)]
+    return m.sign(_KEY), [bytes(p) for p in split_pieces(memoryview(data), piece_size)]
 
 
 def provider_home(tmp: Path, name: str, sm, pieces) -> Path:
@@ -49,12 +50,14 @@ def provider_home(tmp: Path, name: str, sm, pieces) -> Path:
     return home
 
 
-def serve_process(home: Path, bootstrap: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `kvnet serve` for `home`; return the process and the address it listens on."""
+def serve_process(home: Path, bootstrap: str | None = None,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `kvnet serve` for `home`; return the process and the address it listens on.
+    `env` adds environment variables (e.g. KVNET_LOG_LEVEL)."""
     args = [sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home)]
     if bootstrap:
         args += ["--bootstrap", bootstrap]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline().split()
     if not first or first[0] != "listening":

@@ -1,10 +1,12 @@
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kvnet import chain
+from kvnet.errors import KvnetError
 
 VECTORS = json.loads((Path(__file__).parents[1] / "docs" / "chain-vectors.json").read_text())
 MODEL = bytes.fromhex(VECTORS["model_id"])
@@ -34,3 +36,12 @@ def test_keys_depend_on_model_and_tokens():
     t = list(range(10))
     assert chain.chain_keys(MODEL, t, 4) != chain.chain_keys(bytes(32), t, 4)
     assert chain.chain_keys(MODEL, t, 4)[0] != chain.chain_keys(MODEL, [1] + t[1:], 4)[0]
+
+
+def test_impossible_input_is_a_chain_error():
+    for call in (lambda: chain.root_key(b"short"), lambda: chain.chain_keys(MODEL, [2**32], 4),
+                 lambda: chain.chain_keys(MODEL, [1], 0), lambda: chain.key_at(MODEL, [1, 2], 3, 4),
+                 lambda: chain.next_key(MODEL, [])):
+        with pytest.raises(chain.ChainError) as info:
+            call()
+        assert isinstance(info.value, KvnetError)

@@ -1,8 +1,10 @@
-"""A prompt that shares a prefix of a document reuses exactly the shared whole blocks."""
+"""A prompt that shares a prefix of a document reuses exactly the shared whole blocks, and answers
+exactly what plain transformers' greedy decode of the whole prompt answers (tests/hf_reference.py)."""
 
 from kvnet.publish import publish_tokens
 from kvnet.reuse import answer
 from tests.conftest import random_tokens
+from tests.hf_reference import hf_greedy, hf_model
 
 B = 256
 
@@ -16,8 +18,7 @@ def test_two_shared_blocks_of_three_reuse_exactly_2B(tiny_fp32, store, key):
     assert match.n_tokens == 2 * B
     ans = answer(tiny_fp32, store, prompt, 12, stop_at_eos=False)
     assert ans.cached_tokens == 2 * B
-    full = tiny_fp32.generate_from(None, prompt, 12)
-    assert ans.tokens == full.tokens
+    assert ans.tokens == hf_greedy(hf_model(tiny_fp32), prompt, 12).tokens
 
 
 def test_document_plus_question_reuses_the_whole_document_with_its_partial_tail(tiny_fp32, store, key):
@@ -26,7 +27,7 @@ def test_document_plus_question_reuses_the_whole_document_with_its_partial_tail(
     question = random_tokens(20, seed=24)
     ans = answer(tiny_fp32, store, doc + question, 10, stop_at_eos=False)
     assert ans.cached_tokens == len(doc)
-    assert ans.tokens == tiny_fp32.generate_from(None, doc + question, 10).tokens
+    assert ans.tokens == hf_greedy(hf_model(tiny_fp32), doc + question, 10).tokens
 
 
 def test_prompt_equal_to_document_keeps_one_token_to_compute(tiny_fp32, store, key):
@@ -34,7 +35,7 @@ def test_prompt_equal_to_document_keeps_one_token_to_compute(tiny_fp32, store, k
     publish_tokens(tiny_fp32, store, key, doc)
     ans = answer(tiny_fp32, store, doc, 4, stop_at_eos=False)
     assert ans.cached_tokens == B - 1
-    assert ans.tokens == tiny_fp32.generate_from(None, doc, 4).tokens
+    assert ans.tokens == hf_greedy(hf_model(tiny_fp32), doc, 4).tokens
 
 
 def test_short_prompt_and_unrelated_prompt_reuse_nothing(tiny_fp32, store, key):

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet import artifact, canonical
@@ -11,13 +12,13 @@ from kvnet.store import Store
 from tests.conftest import random_tokens
 
 PIECE = 8192
+DOC = random_tokens(300, seed=11)
 
 
 @pytest.fixture
 def published(tiny_bf16, key):
-    doc = random_tokens(300, seed=11)
-    data = artifact.kv_to_bytes(tiny_bf16.prefill(doc), tiny_bf16.layout, 256)
-    sm = artifact.build_manifest(tiny_bf16, doc, data, key, piece_size=PIECE)
+    data = artifact.kv_to_bytes(tiny_bf16.prefill(DOC), tiny_bf16.layout, 256)
+    sm = artifact.build_manifest(tiny_bf16, DOC, data, key, piece_size=PIECE)
     pieces = [bytes(p) for p in artifact.split_pieces(data, PIECE)]
     assert len(pieces) > 3
     return sm, pieces
@@ -30,9 +31,16 @@ def _loader(pieces, index=None, change=None):
 
 
 def test_untampered_loads(tiny_bf16, published):
+    """Loading succeeds AND yields exactly what was published: a loader that returned well-shaped
+    wrong tensors (zeros, blocks swapped, K for V) must not pass."""
     sm, pieces = published
     kv = artifact.load_kv(sm.manifest, tiny_bf16, _loader(pieces))
     assert kv.n_tokens == 300
+    assert bytes(artifact.kv_to_bytes(kv, tiny_bf16.layout, 256)) == b"".join(pieces)
+    own = tiny_bf16.prefill(DOC)
+    for got, want in zip(kv.keys + kv.values, own.keys + own.values, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("which", ["first", "middle", "last"])

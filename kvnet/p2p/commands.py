@@ -1,24 +1,38 @@
-"""The network commands behind `kvnet serve` and `kvnet fetch`, as plain trio functions."""
+"""The network commands behind `kvnet serve` and `kvnet fetch`, as plain trio functions.
+
+Failure contract (the CLI turns each into one line): a malformed bootstrap address raises
+`BootstrapError` from `open_node` before anything starts; unreachable bootstrap peers never raise,
+`fetch` reports them in `FetchOutcome.error`; `run_trio` turns an ExceptionGroup that carries a
+`KvnetError` into that error, so no nested group traceback reaches the user.
+"""
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
 from kvnet import identity
+from kvnet.errors import KvnetError
 from kvnet.manifest import ManifestError
 from kvnet.p2p.fetcher import FetchError, FetchResult
-from kvnet.p2p.node import Found, Node
+from kvnet.p2p.node import Found, Node, validate_bootstrap
 from kvnet.store import Store, StoreError
+
+T = TypeVar("T")
+NO_BOOTSTRAP = "no peer was asked (no --bootstrap given)"
 
 
 def open_node(home: Path, listen: list[str] | None, bootstrap: list[str], timeout: float = 10.0,
               capacity_bytes: int | None = None) -> Node:
+    """A node for `home`. Bootstrap addresses are checked first: a malformed one is a `BootstrapError`."""
+    validate_bootstrap(bootstrap)
     key = identity.load(home / "identity.key")
     store = Store(home / "store", capacity_bytes=capacity_bytes)
     return Node(key, store, listen=listen, bootstrap=bootstrap, scores_path=home / "peer-scores.sqlite",
@@ -49,9 +63,17 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
                 on_found: Callable[[Found], None] | None = None) -> FetchOutcome:
     """Join the network, find a manifest (by id, or the longest prefix of `tokens`), fetch it, leave.
 
-    A prefix covering fewer than `min_tokens` tokens is found but not fetched (we have as much)."""
+    A prefix covering fewer than `min_tokens` tokens is found but not fetched (we have as much).
+    The node announces nothing (this process exits right after; a `kvnet serve` on the same home
+    announces what it fetched). With no bootstrap peer, or none reachable, `error` says so.
+    """
+    if not node.bootstrap:
+        return FetchOutcome(None, None, NO_BOOTSTRAP)
     async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
+        await nursery.start(partial(node.run, announce=False))
+        if not node.bootstrap_reached:
+            nursery.cancel_scope.cancel()
+            return FetchOutcome(None, None, unreachable_message(node))
         if manifest_id is not None:
             found = await node.find_manifest(manifest_id)
         else:
@@ -69,6 +91,38 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
                 error = str(exc)
         nursery.cancel_scope.cancel()
     return FetchOutcome(found, result, error)
+
+
+def unreachable_message(node: Node) -> str:
+    tried = "; ".join(f"{addr}: {why}" for addr, why in node.bootstrap_failed.items())
+    return f"no bootstrap peer reachable (tried {len(node.bootstrap)}: {tried})"
+
+
+def first_kvnet_error(exc: BaseException) -> KvnetError | None:
+    """The first `KvnetError` in an exception or any (nested) exception group, depth first."""
+    if isinstance(exc, KvnetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_kvnet_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """`trio.run(fn, *args)`, raising the first `KvnetError` inside an ExceptionGroup instead of the group.
+
+    Nurseries wrap a failure in (nested) groups; a deliberate error must reach the CLI as itself so
+    it prints one line. Groups without a `KvnetError` (bugs) propagate unchanged.
+    """
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        err = first_kvnet_error(group)
+        if err is None:
+            raise
+        raise err from None
 
 
 def line(msg: str) -> None:

@@ -2,11 +2,12 @@
 
 Pieces are assigned across providers in batches; each provider gets `window` concurrent requests
 (pipelining). When nothing is left to assign, idle workers re-request pieces still in flight
-elsewhere (endgame), and the first verified copy wins. Received pieces go to one writer task that
-verifies each against the signed manifest (length, then BLAKE3) and stores them in group commits
-(`Store.put_pieces`), off the event loop. A provider that sends a bad piece, a wrong length, a
-protocol violation or nothing before the timeout is dropped for this fetch, scored down
-persistently, and its pieces go back to the pool for the others.
+elsewhere (endgame), and the first verified copy wins. Each received piece is checked (length, then
+BLAKE3 against the signed manifest) as soon as it is read, so a liar is dropped before it can be sent
+another request; verified pieces go to one writer task that stores them in group commits
+(`Store.put_pieces`, which verifies again), off the event loop. A provider that sends a bad piece, a
+wrong length, a protocol violation or nothing before the timeout is dropped for this fetch, scored
+down persistently, gets no further request in this fetch, and its pieces go back to the pool.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import trio
 
 from kvnet.errors import NetworkError
+from kvnet.hashing import b3
 from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
 from kvnet.p2p.scores import PeerScores
@@ -152,7 +154,9 @@ class Fetch:
                         data = await wire.read_exact(stream, n)
                 except wire.WireError as exc:
                     raise _Drop("bad_length", f"piece {i}: {exc}") from exc
-                await self._accept(p, i, data)  # handed to the writer, which verifies it
+                if b3(data) != self.m.pieces[i]:  # caught here, before this peer is sent another request
+                    raise _Drop("bad_piece", f"piece {i}: BLAKE3 mismatch")
+                await self._accept(p, i, data)  # handed to the writer, which stores (and re-verifies) it
                 remaining.discard(i)
             if remaining:
                 raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
@@ -229,7 +233,10 @@ class Fetch:
         if p.dropped is None:
             p.dropped = reason
             score = self.scores.bad(p.peer, reason)
-            log.warning("dropping provider %s for this fetch (%s; score now %.1f): %s", p.peer, reason, score, detail)
+            # A peer that went away is routine (and reported in the result); a lie is worth a warning.
+            level = logging.DEBUG if reason == "unreachable" else logging.WARNING
+            log.log(level, "dropping provider %s for this fetch (%s; score now %.1f): %s", p.peer, reason, score,
+                    detail)
         self._wake()
 
     async def run(self, background: trio.Nursery | None = None) -> None:

@@ -6,9 +6,12 @@ the same Ed25519 public key that signs its manifests.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
-import libp2p.stream_muxer.yamux.yamux as _yamux
 import multiaddr
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CgPrivateKey
 from libp2p import new_host
@@ -22,16 +25,17 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from kvnet.errors import ListenError
+from kvnet.p2p.compat import YAMUX_RECEIVE_WINDOW, GrantingYamux, close_listeners
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
-# yamux's initial stream window (256 KiB in py-libp2p) throttles bulk piece transfer: the sender
-# stalls for a window update every 256 KiB until auto-tuning catches up. Every kvnet node starts its
-# streams at 4 MiB instead (measured: 134 -> 158 MB/s for one provider on loopback, see
-# docs/benchmarks.md). Both ends must agree, which they do: kvnet hosts only talk to kvnet hosts.
-YAMUX_INITIAL_WINDOW = 4 * 1024 * 1024
-_yamux.DEFAULT_WINDOW_SIZE = YAMUX_INITIAL_WINDOW
+# Streams start at the yamux spec's 256 KiB window in both directions; each kvnet node then grants
+# YAMUX_RECEIVE_WINDOW (4 MiB) to its peer with a WINDOW_UPDATE (kvnet.p2p.compat.GrantingYamux), so
+# bulk transfer between kvnet nodes runs at 4 MiB windows while a stock go/js/rust/py peer is never
+# sent more than it granted.
+YAMUX_INITIAL_WINDOW = YAMUX_RECEIVE_WINDOW
 
 
 def quiet_logs(level: int = logging.ERROR) -> None:
@@ -61,15 +65,62 @@ def make_host(key: CgPrivateKey) -> IHost:
     host = new_host(
         key_pair=kp,
         sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=create_x25519().private_key)},
-        muxer_opt={YAMUX_ID: Yamux},
+        muxer_opt={YAMUX_ID: GrantingYamux},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     quiet_logs()
     return host
 
 
-def parse_addrs(addrs: list[str]) -> list[multiaddr.Multiaddr]:
+def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
     return [multiaddr.Multiaddr(a) for a in addrs]
+
+
+@asynccontextmanager
+async def running(host: IHost, listen: Sequence[str]) -> AsyncIterator[None]:
+    """`host.run(listen_addrs=...)` that fails with ListenError unless every address is listened on.
+
+    py-libp2p 0.8.1's `host.run` ignores a failed listen (the swarm logs it at DEBUG and returns
+    False), so a node told to listen on a taken port would run deaf. The error is raised after the
+    host has shut down again, not inside its service nursery, so callers get a plain ListenError.
+    On the way out the listeners are closed explicitly (kvnet.p2p.compat.close_listeners), so the
+    port is free again once this returns.
+    """
+    maddrs = parse_addrs(listen)
+    failed: list[str] = []
+    async with host.run(listen_addrs=maddrs):
+        listening = host.get_network().listeners
+        failed = [str(m) for m in maddrs if str(m) not in listening]
+        if not failed:
+            try:
+                yield
+            finally:
+                await close_listeners(host.get_network())
+            return
+    reasons = "; ".join(f"{a} ({_why_not_listening(a)})" for a in failed)
+    raise ListenError(f"cannot listen on {reasons}")
+
+
+def _why_not_listening(addr: str) -> str:
+    """The OS's reason a TCP address cannot be bound (a diagnostic probe: it binds and closes)."""
+    try:
+        m = multiaddr.Multiaddr(addr)
+        port = int(m.value_for_protocol("tcp"))
+        for proto, family in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
+            try:
+                ip = m.value_for_protocol(proto)
+            except Exception:  # noqa: BLE001 - multiaddr raises its own lookup error
+                continue
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((ip, port))
+            return "the address is free now: it was taken or unusable a moment ago"
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use: is another node listening there?"
+        return exc.strerror or str(exc)
+    except Exception as exc:  # noqa: BLE001 - a non-TCP or malformed address
+        return f"not a TCP address kvnet can listen on: {exc}"
+    return "not an ip4/ip6 TCP address"
 
 
 def peer_info(addr: str) -> PeerInfo:

@@ -2,14 +2,21 @@
 
     node = Node(key, store)
     async with trio.open_nursery() as n:
-        await n.start(node.run)
+        await n.start(node.run)                             # or node.run(announce=False): fetch only
         hit = await node.find(model_id, prompt_tokens)      # DHT prefix lookup + offers
         await node.fetch(hit)                               # verified multi-provider fetch
+
+Announcing (docs/discovery.md): a running node announces what its store holds when it starts, then
+whatever appears in the store (published or fetched by any process on the same home) within
+`watch_s` seconds, the whole store again hourly, and again when its routing table has at least
+doubled (at most once a minute). A node run with `announce=False` (a `kvnet fetch` process, which
+exits right after) announces nothing: its records would point at a process that is gone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +26,12 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
 from kvnet import chain
+from kvnet.errors import BootstrapError
 from kvnet.manifest import ManifestError, SignedManifest, parse
 from kvnet.p2p import dht as kdht
 from kvnet.p2p import wire
 from kvnet.p2p.fetcher import FetchResult, Provider, fetch_pieces
-from kvnet.p2p.host import DEFAULT_LISTEN, make_host, parse_addrs, peer_info
+from kvnet.p2p.host import DEFAULT_LISTEN, make_host, peer_info, quiet_logs, running
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import OFFER_PROTOCOL, PIECES_PROTOCOL, HostingTerms, PieceServer, StoreRunner
 from kvnet.store import Store
@@ -34,6 +42,62 @@ PEER_ADDR_TTL = 3600
 # for 30 s), so announcements stay below that.
 ANNOUNCE_CONCURRENCY = 8
 GROWTH_CHECK_S = 2.0
+GROWTH_MIN_INTERVAL_S = 60.0
+WATCH_S = 2.0
+MAX_OFFERS_READ = 8
+# libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
+# kvnet logs what matters about peers itself, on its own loggers.
+LIBP2P_LOG_LEVEL = logging.CRITICAL
+
+
+def validate_bootstrap(addrs: list[str]) -> list[str]:
+    """Every bootstrap address must be a TCP multiaddr ending in /p2p/<peer id>; name the first bad one."""
+    for addr in addrs:
+        try:
+            info = peer_info(addr)
+        except ValueError as exc:
+            raise BootstrapError(f"malformed bootstrap address {addr!r}: want /ip4/<ip>/tcp/<port>/p2p/<peer id> "
+                                 f"({_cause(exc)})") from exc
+        if not any("/tcp/" in str(a) for a in info.addrs):
+            raise BootstrapError(f"malformed bootstrap address {addr!r}: kvnet dials TCP only "
+                                 "(want /ip4/<ip>/tcp/<port>/p2p/<peer id>)")
+    return list(addrs)
+
+
+def _cause(exc: BaseException, limit: int = 160) -> str:
+    """A one-line reason from an exception (the first leaf of a group), for logs and error lines."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc.__cause__ or exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class GrowthPolicy:
+    """Whether routing-table growth is worth announcing everything again.
+
+    Records belong at the peers closest to each key; a node that announced knowing few peers (the
+    first node of a network) should announce again once many more have joined, but re-announcing on
+    every arrival made each new peer cost every provider a full round. So: only when the table has
+    at least doubled since the last announcement, and at most once per `min_interval_s`.
+    """
+
+    def __init__(self, min_interval_s: float = GROWTH_MIN_INTERVAL_S) -> None:
+        self.min_interval_s = min_interval_s
+        self.size_at_announce = 0
+        self.last_growth_announce = -math.inf
+
+    def announced(self, size: int) -> None:
+        """Any full announcement (start, republish, growth) sets the baseline."""
+        self.size_at_announce = size
+
+    def due(self, size: int, now: float) -> bool:
+        return (size > 0 and size >= 2 * self.size_at_announce
+                and now - self.last_growth_announce >= self.min_interval_s)
+
+    def growth_announced(self, size: int, now: float) -> None:
+        self.announced(size)
+        self.last_growth_announce = now
 
 
 @dataclass
@@ -54,11 +118,24 @@ class Found:
     offers: list[Offer] = field(default_factory=list)
 
 
+@dataclass
+class AnnounceStats:
+    """What this node announced (counted, so tests and benchmarks can check it without timings)."""
+
+    provides: int = 0  # provider records sent (one DHT provide() call each)
+    values: int = 0  # manifests put as DHT values
+    rounds: int = 0  # full announcements of the whole store
+    growth_rounds: int = 0  # of which triggered by routing-table growth
+    growth_checks: int = 0  # growth-loop ticks
+    watch_ticks: int = 0  # store polls
+
+
 class Node:
     def __init__(self, key: Ed25519PrivateKey, store: Store, *, listen: list[str] | None = None,
                  bootstrap: list[str] | None = None, scores_path: Path | None = None,
                  terms: HostingTerms | None = None, republish_s: float = 3600.0, refresh_s: float = 60.0,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, watch_s: float = WATCH_S, growth_check_s: float = GROWTH_CHECK_S,
+                 growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S) -> None:
         self.key = key
         self.store = store
         self.runner = StoreRunner(store)
@@ -67,32 +144,68 @@ class Node:
         self.scores = PeerScores(scores_path)
         self.server = PieceServer(self.runner, terms, request_timeout=timeout)
         self.republish_s, self.refresh_s, self.timeout = republish_s, refresh_s, timeout
+        self.watch_s, self.growth_check_s = watch_s, growth_check_s
+        self.growth = GrowthPolicy(growth_min_interval_s)
         self.host = make_host(key)
+        quiet_logs(LIBP2P_LOG_LEVEL)
         self.dht = kdht.make_dht(self.host)
         self.peer_id: ID = self.host.get_id()
+        self.stats = AnnounceStats()
+        self.pacer = kdht.ProvidePacer()
+        self.announcing = True
+        self.bootstrap_reached: list[str] = []
+        self.bootstrap_failed: dict[str, str] = {}  # address -> why
         self._background: trio.Nursery | None = None
-        self._announced_at_size = 0
+        self._announce_lock = trio.Lock()
+        self._provided: dict[bytes, set[bytes]] = {}  # manifest id -> keys announced for it
+        self._seen: dict[bytes, int] = {}  # manifest id -> pieces present when last announced
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self.host.run(listen_addrs=parse_addrs(self.listen)):
+    async def run(self, *, announce: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, join through the bootstrap peers, announce (unless `announce` is False), serve.
+
+        Unreachable bootstrap peers never raise: they are logged and listed in `bootstrap_failed`
+        (a malformed address does raise `BootstrapError`, before anything starts; an address that
+        cannot be listened on raises `ListenError`).
+        """
+        validate_bootstrap(self.bootstrap)
+        self.announcing = announce
+        async with running(self.host, self.listen):  # ListenError if an address cannot be listened on
             self.host.set_stream_handler(OFFER_PROTOCOL, self.server.handle_offer)
             self.host.set_stream_handler(PIECES_PROTOCOL, self.server.handle_pieces)
             async with background_trio_service(self.dht), trio.open_nursery() as nursery:
-                for addr in self.bootstrap:
-                    await self.connect(addr)
-                await self.announce_all()
+                await self._join()
+                if announce:
+                    await self.announce_all()
                 self._background = nursery
-                nursery.start_soon(self._republish_loop)
+                if announce:
+                    nursery.start_soon(self._republish_loop)
+                    nursery.start_soon(self._growth_loop)
+                    nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._refresh_loop)
-                nursery.start_soon(self._reannounce_on_growth)
                 task_status.started(self)
                 await trio.sleep_forever()
 
     @property
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
+
+    async def _join(self) -> None:
+        """Dial every bootstrap peer at once; remember which answered and why the others did not."""
+        self.bootstrap_reached, self.bootstrap_failed = [], {}
+
+        async def one(addr: str) -> None:
+            try:
+                await self.connect(addr)
+                self.bootstrap_reached.append(addr)
+            except Exception as exc:  # noqa: BLE001 - a dead bootstrap peer is reported, not fatal
+                self.bootstrap_failed[addr] = _cause(exc)
+                log.info("bootstrap peer %s unreachable: %s", addr, self.bootstrap_failed[addr])
+
+        async with trio.open_nursery() as nursery:
+            for addr in self.bootstrap:
+                nursery.start_soon(one, addr)
 
     async def connect(self, addr: str) -> None:
         """Dial a peer and add it to the routing table (connecting alone does not fill it)."""
@@ -111,60 +224,118 @@ class Node:
                 try:
                     await self.dht.refresh_routing_table()
                 except Exception as exc:  # noqa: BLE001 - a failed refresh is retried next round
-                    log.info("routing refresh failed: %r", exc)
-
-    async def _reannounce_on_growth(self) -> None:
-        """Announce again when the routing table has grown since the last announcement.
-
-        A node that announced while it knew few peers (the first node of a network, say) stored its
-        provider records at those few; once others join, the records belong at the new closest peers.
-        """
-        while True:
-            await trio.sleep(GROWTH_CHECK_S)
-            size = self.dht.routing_table.size()
-            if size > self._announced_at_size:
-                self._announced_at_size = size
-                try:
-                    await self.announce_all()
-                except Exception as exc:  # noqa: BLE001 - retried on the next growth or republish
-                    log.info("re-announce failed: %r", exc)
+                    log.debug("routing refresh failed: %s", _cause(exc))
 
     # -- announcing -----------------------------------------------------------------------------
 
-    async def announce(self, mid: bytes) -> None:
-        """Provider records for the manifest id and every chain key; the manifest as a DHT value."""
+    async def announce(self, mid: bytes, *, only_new: bool = False) -> int:
+        """Provider records for the manifest id and its power-of-two chain keys; the manifest as a value.
+
+        With `only_new`, keys already announced for this manifest are skipped (a growing partial
+        artifact adds one key at a time). Returns the number of provider records sent.
+        """
         sm = await self.runner.call(self.store.get_manifest, mid)
         have = await self.runner.call(self.store.present_pieces, mid)
-        if not have:
-            return
-        keys = [mid] + [k for i, k in enumerate(sm.manifest.chain) if self._covered(sm, i, have)]
+        done = self._provided.setdefault(mid, set())
+        keys = [k for k in kdht.announce_keys(sm.manifest, mid, have) if not (only_new and k in done)]
+        if not keys:
+            return 0
+        put_value = not (only_new and mid in done)
         limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
 
         async def provide(k: bytes) -> None:
             async with limiter:
-                with trio.move_on_after(self.timeout):
-                    await self.dht.provider_store.provide(k)
+                await self.pacer.wait()
+                self.stats.provides += 1
+                await kdht.provide(self.dht, k, self.timeout)
+                done.add(k)
 
         async with trio.open_nursery() as nursery:
             for k in keys:
                 nursery.start_soon(provide, k)
-        try:
-            await self.dht.put_value(kdht.manifest_key(mid), sm.raw)
-        except Exception as exc:  # noqa: BLE001 - an expired manifest is still served by offer
-            log.info("manifest %s not put in the DHT: %r", mid.hex()[:16], exc)
+        if put_value:
+            try:
+                self.stats.values += 1
+                await self.dht.put_value(kdht.manifest_key(mid), sm.raw)
+            except Exception as exc:  # noqa: BLE001 - an expired manifest is still served by offer
+                log.info("manifest %s not put in the DHT: %s", mid.hex()[:16], _cause(exc))
+        self._seen[mid] = len(have)
+        log.info("announced %d provider records for %s", len(keys), mid.hex()[:16])
+        return len(keys)
 
-    @staticmethod
-    def _covered(sm: SignedManifest, i: int, have: set[int]) -> bool:
-        """Announce chain key i only if we hold every piece of the prefix it names."""
-        return all(p in have for p in sm.manifest.pieces_for_tokens(sm.manifest.boundary(i)))
-
-    async def announce_all(self) -> None:
+    async def announce_all(self) -> int:
         """Announce everything held; what was evicted is simply no longer announced."""
-        self._announced_at_size = max(self._announced_at_size, self.dht.routing_table.size())
-        entries = await self.runner.call(self.store.entries)
-        for e in entries:
-            if e.present:
-                await self.announce(e.id)
+        async with self._announce_lock:
+            self.growth.announced(self.dht.routing_table.size())
+            self.stats.rounds += 1
+            entries = await self.runner.call(self.store.entries)
+            held = {e.id for e in entries if e.present}
+            self._forget_except(held)
+            sent = 0
+            for e in entries:
+                if e.present:
+                    sent += await self._announce_one(e.id, only_new=False) or 0
+            return sent
+
+    def _forget_except(self, held: set[bytes]) -> None:
+        for mid in set(self._seen) - held:
+            del self._seen[mid]
+        for mid in set(self._provided) - held:
+            del self._provided[mid]
+
+    async def announce_new(self) -> int:
+        """Announce what appeared or grew in the store since it was last announced.
+
+        The store is shared with other processes on the same home (`kvnet publish`, `kvnet fetch`),
+        so it is polled: one indexed query, comparing (id, pieces present) with what was announced.
+        """
+        async with self._announce_lock:
+            entries = await self.runner.call(self.store.entries)
+            self._forget_except({e.id for e in entries if e.present})
+            sent = 0
+            for e in entries:
+                if e.present and self._seen.get(e.id) != e.present:
+                    n = await self._announce_one(e.id, only_new=True)
+                    if n is not None:  # a failure is retried on the next poll
+                        sent += n
+                        self._seen[e.id] = e.present
+            return sent
+
+    async def _announce_one(self, mid: bytes, *, only_new: bool) -> int | None:
+        """`announce`, but one artifact that fails (removed meanwhile, a DHT error) never stops the rest."""
+        try:
+            return await self.announce(mid, only_new=only_new)
+        except Exception as exc:  # noqa: BLE001 - logged; the next poll or republish tries again
+            log.info("announcing %s failed: %s", mid.hex()[:16], _cause(exc))
+            return None
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await trio.sleep(self.watch_s)
+            self.stats.watch_ticks += 1
+            try:
+                await self.announce_new()
+            except Exception as exc:  # noqa: BLE001 - retried on the next poll
+                log.info("announcing new artifacts failed: %s", _cause(exc))
+
+    async def reannounce_if_grown(self) -> bool:
+        """One growth check: announce everything again if the routing table has (at least) doubled."""
+        self.stats.growth_checks += 1
+        size = self.dht.routing_table.size()
+        if not self.growth.due(size, trio.current_time()):
+            return False
+        self.growth.growth_announced(size, trio.current_time())
+        self.stats.growth_rounds += 1
+        try:
+            await self.announce_all()
+        except Exception as exc:  # noqa: BLE001 - retried on the next growth or republish
+            log.info("re-announce failed: %s", _cause(exc))
+        return True
+
+    async def _growth_loop(self) -> None:
+        while True:
+            await trio.sleep(self.growth_check_s)
+            await self.reannounce_if_grown()
 
     async def _republish_loop(self) -> None:
         while True:
@@ -172,7 +343,7 @@ class Node:
             try:
                 await self.announce_all()
             except Exception as exc:  # noqa: BLE001 - retried next round
-                log.warning("republish failed: %r", exc)
+                log.warning("republish failed: %s", _cause(exc))
 
     # -- finding --------------------------------------------------------------------------------
 
@@ -188,7 +359,7 @@ class Node:
                 finally:
                     await stream.close()
             out = []
-            for o in wire.field(resp, "offers", list)[:8]:
+            for o in wire.field(resp, "offers", list)[:MAX_OFFERS_READ]:
                 if not isinstance(o, dict):
                     raise wire.WireError("malformed", "offer must be a map")
                 sm = parse(wire.field(o, "manifest", bytes))
@@ -200,23 +371,31 @@ class Node:
             log.warning("bad offer from %s: %s", who, exc)
         except Exception as exc:  # noqa: BLE001 - unreachable or reset peers just offer nothing
             self.scores.bad(who, "unreachable")
-            log.info("no offer from %s: %r", who, exc)
+            log.debug("no offer from %s: %s", who, _cause(exc))
         return []
 
     async def find(self, model_id: bytes, tokens: list[int],
                    block_size: int = chain.DEFAULT_BLOCK_SIZE) -> Found | None:
-        """The network's longest prefix of `tokens`: DHT prefix search, then offers from its providers."""
+        """The network's longest prefix of `tokens`.
+
+        The DHT search finds the longest announced power-of-two boundary; its providers' offers carry
+        the signed chain, which extends the match to the longest common prefix (partial tail included).
+        """
         hit = await kdht.find_longest_prefix(self.dht, model_id, tokens, block_size, self.peer_id)
         if hit is None:
             return None
         offers = await self._gather_offers(hit.providers, hit.key)
-        return self._best(offers, hit.key, hit.n_tokens, tokens, hit.queries)
+        return _best_for_prefix(offers, hit.key, hit.n_tokens, tokens, hit.queries)
 
     async def find_manifest(self, manifest_id: bytes) -> Found | None:
         """Who holds (part of) this manifest, and which pieces each has."""
         providers = await kdht.find_provider_ids(self.dht, manifest_id, self.peer_id)
         offers = await self._gather_offers(providers, manifest_id)
-        return self._best(offers, manifest_id, None, [], 1)
+        chosen = [o for o in offers if o.signed.id == manifest_id]
+        if not chosen:
+            return None
+        return Found(chosen[0].signed, chosen[0].signed.manifest.n_tokens,
+                     [Provider(o.peer, set(o.have)) for o in chosen], 1, chosen)
 
     async def _gather_offers(self, providers: dict, key: bytes) -> list[Offer]:
         for pid, info in providers.items():
@@ -231,34 +410,6 @@ class Node:
                 nursery.start_soon(ask, pid)
         return offers
 
-    @staticmethod
-    def _best(offers: list[Offer], key: bytes, n: int | None, tokens: list[int], queries: int) -> Found | None:
-        """Pick the manifest covering the most prompt tokens; group the peers that offer it."""
-        best: tuple[int, bytes] | None = None
-        by_id: dict[bytes, list[Offer]] = {}
-        for o in offers:
-            m = o.signed.manifest
-            if n is None:  # asked by manifest id
-                if o.signed.id != key:
-                    continue
-                covered = m.n_tokens
-            else:
-                i = n // m.block_size - 1
-                if not (0 <= i < len(m.chain) and m.chain[i] == key and m.boundary(i) == n):
-                    continue  # an offer that does not contain the prefix we asked for
-                covered = n
-                if m.n_tokens > n and m.n_tokens <= len(tokens) and \
-                        chain.key_at(m.model_id, tokens, m.n_tokens, m.block_size) == m.chain[-1]:
-                    covered = m.n_tokens  # the prompt also contains the document's partial tail
-            by_id.setdefault(o.signed.id, []).append(o)
-            if best is None or covered > best[0]:
-                best = (covered, o.signed.id)
-        if best is None:
-            return None
-        chosen = by_id[best[1]]
-        providers = [Provider(o.peer, set(o.have)) for o in chosen]
-        return Found(chosen[0].signed, best[0], providers, queries, chosen)
-
     # -- fetching -------------------------------------------------------------------------------
 
     async def _open(self, peer: str, protocol: str):
@@ -266,12 +417,72 @@ class Node:
 
     async def fetch(self, found: Found, n_tokens: int | None = None, *, on_piece=None, window: int = 4,
                     batch: int = 8) -> FetchResult:
-        """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store, announce."""
+        """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store.
+
+        Returns as soon as the pieces are durable. A node that announces schedules the announcement
+        of what it now holds in its background; a fetch-only node (`announce=False`) announces nothing.
+        """
         sm = found.signed
         await self.runner.call(self.store.put_manifest, sm.raw)
         needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
         result = await fetch_pieces(sm, needed, found.providers, self.runner, self._open, self.scores,
                                     background=self._background, window=window, batch=batch,
                                     timeout=self.timeout, on_piece=on_piece)
-        await self.announce(sm.id)
+        if self.announcing and self._background is not None:
+            self._background.start_soon(self._announce_in_background)
         return result
+
+    async def _announce_in_background(self) -> None:
+        try:
+            await self.announce_new()
+        except Exception as exc:  # noqa: BLE001 - the store watcher retries
+            log.info("announcing a fetched artifact failed: %s", _cause(exc))
+
+
+def _prompt_matches(m, i: int, tokens: list[int], keys: list[chain.ChainKey]) -> list[int]:
+    """Token counts, ascending from chain index i, at which the prompt and manifest `m` share the key.
+
+    `keys` are the prompt's own chain keys. A document whose last block is partial shares it only if
+    the prompt contains the whole tail (the prompt's key over the same token count is equal).
+    """
+    counts = [m.boundary(i)]
+    j = i + 1
+    while j < len(m.chain) and j < len(keys) and keys[j].key == m.chain[j] and keys[j].n_tokens == m.boundary(j):
+        counts.append(m.boundary(j))
+        j += 1
+    last = len(m.chain) - 1
+    if (j == last and m.n_tokens % m.block_size and m.n_tokens <= len(tokens)
+            and chain.key_at(m.model_id, tokens, m.n_tokens, m.block_size) == m.chain[last]):
+        counts.append(m.n_tokens)
+    return counts
+
+
+def _best_for_prefix(offers: list[Offer], key: bytes, n: int, tokens: list[int], queries: int) -> Found | None:
+    """Pick the manifest covering the most prompt tokens that its offering peers can supply.
+
+    Offers that do not contain `key` at boundary `n` are ignored (a peer answering for another key).
+    The match is extended from `n` along the signed chain, then cut back to the longest prefix whose
+    pieces the offering peers together hold, so the fetch asks only for what exists.
+    """
+    by_id: dict[bytes, list[Offer]] = {}
+    for o in offers:
+        m = o.signed.manifest
+        i = n // m.block_size - 1
+        if 0 <= i < len(m.chain) and m.chain[i] == key and m.boundary(i) == n:
+            by_id.setdefault(o.signed.id, []).append(o)
+    best: tuple[int, bytes] | None = None
+    prompt_keys: dict[int, list[chain.ChainKey]] = {}
+    for mid, group in by_id.items():
+        m = group[0].signed.manifest
+        keys = prompt_keys.setdefault(m.block_size, chain.chain_keys(m.model_id, tokens, m.block_size))
+        held = set().union(*(o.have for o in group))
+        counts = _prompt_matches(m, n // m.block_size - 1, tokens, keys)
+        supplied = [c for c in counts if all(p in held for p in m.pieces_for_tokens(c))]
+        covered = max(supplied, default=n)
+        if best is None or covered > best[0]:
+            best = (covered, mid)
+    if best is None:
+        return None
+    chosen = by_id[best[1]]
+    providers = [Provider(o.peer, set(o.have)) for o in chosen]
+    return Found(chosen[0].signed, best[0], providers, queries, chosen)

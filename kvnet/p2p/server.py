@@ -1,8 +1,9 @@
 """Serving side of `/kvnet/offer/1.0.0` and `/kvnet/pieces/1.0.0` (docs/protocol.md).
 
-Handlers never let an exception escape: a peer that sends garbage gets an error frame (or a reset
-stream) and the node keeps serving everyone else. Store calls run in a worker thread, one at a time,
-so disk I/O and hashing never stall the event loop.
+One request per stream: the server reads one request frame, answers, and closes its side. Handlers
+never let an exception escape: a peer that sends garbage gets an error frame (or a reset stream) and
+the node keeps serving everyone else. Store calls run in a worker thread, one at a time, so disk I/O
+and hashing never stall the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from kvnet.p2p import wire
+from kvnet.pieces import ArtifactError
 from kvnet.store import NotFoundError, Store
 
 OFFER_PROTOCOL = "/kvnet/offer/1.0.0"
@@ -81,7 +83,9 @@ class PieceServer:
             ok = True
         except wire.WireError as exc:
             log.info("%s from %s: %s", name, _peer(stream), exc)
-            ok = await self._try_send(stream, wire.error(exc.code, exc.msg))
+            if exc.code in wire.ERROR_CODES:
+                ok = await self._try_send(stream, wire.error(exc.code, exc.msg))
+            # else the stream itself failed (reset by the peer): nothing to answer, reset it
         except trio.TooSlowError:
             log.info("%s from %s: request timed out", name, _peer(stream))
             ok = await self._try_send(stream, wire.error("timeout", "no complete request in time"))
@@ -102,9 +106,21 @@ class PieceServer:
         return False
 
     async def _read_request(self, stream: Any) -> dict:
-        """The one request frame of a stream, within the request timeout and size limit."""
-        with trio.fail_after(self.request_timeout):
-            return await wire.read_frame(stream, wire.MAX_REQUEST)
+        """The one request frame of a stream, within the request timeout and size limit, with the
+        fields every request shares checked: `v` must be 1 and `receipt` nil or absent (receipts
+        are reserved for payments; a v1 server cannot honour one, so it refuses rather than ignore it)."""
+        try:
+            with trio.fail_after(self.request_timeout):
+                req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        except wire.WireError as exc:
+            if exc.code == "eof":  # the peer closed its side mid-request; it may still read the answer
+                raise wire.WireError("malformed", f"incomplete request: {exc.msg}") from exc
+            raise
+        if req.get("v") != wire.PROTOCOL_VERSION:
+            raise wire.WireError("malformed", f"unsupported version {req.get('v')!r} (this node speaks 1)")
+        if req.get("receipt") is not None:
+            raise wire.WireError("malformed", "receipt must be nil: payments are not supported yet")
+        return req
 
     # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
 
@@ -140,18 +156,18 @@ class PieceServer:
     async def _pieces(self, stream: Any) -> None:
         req = await self._read_request(stream)
         mid = wire.field(req, "manifest", bytes, size=32)
-        indices = self._indices(wire.field(req, "ranges", list))
+        indices = piece_indices(wire.field(req, "ranges", list))
         try:
             sm = await self.runner.call(self.runner.store.get_manifest, mid)
         except NotFoundError as exc:
             raise wire.WireError("unknown_manifest", f"no manifest {mid.hex()[:16]} here") from exc
         n = len(sm.manifest.pieces)
-        if any(i >= n for i in indices):
-            raise wire.WireError("bad_range", f"piece index out of range (manifest has {n} pieces)")
+        if max(indices) >= n:
+            raise wire.WireError("bad_range", f"piece index {max(indices)} past the end ({n} pieces)")
         for i in indices:
             try:
                 data = await self.runner.call(self.runner.store.read_piece, mid, i)
-            except NotFoundError:
+            except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
                 await wire.write_frame(stream, {"i": i, "err": "missing"})
                 continue
             await wire.write_frame(stream, {"i": i, "n": len(data)})
@@ -162,14 +178,27 @@ class PieceServer:
 
     @staticmethod
     def _indices(ranges: list) -> list[int]:
-        if not ranges or len(ranges) > MAX_RANGES:
-            raise wire.WireError("bad_range", f"1..{MAX_RANGES} ranges per request")
-        out: list[int] = []
-        for r in ranges:
-            if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                                  for x in r) or not 0 <= r[0] < r[1]):
-                raise wire.WireError("bad_range", "a range is [start, end) with 0 <= start < end")
-            out.extend(range(r[0], min(r[1], r[0] + MAX_PIECES_PER_REQUEST + 1)))
-            if len(out) > MAX_PIECES_PER_REQUEST:
-                raise wire.WireError("too_large", f"at most {MAX_PIECES_PER_REQUEST} pieces per request")
-        return out
+        """The same as `piece_indices` (kept for subclasses in tests that serve pieces their own way)."""
+        return piece_indices(ranges)
+
+
+def piece_indices(ranges: list) -> list[int]:
+    """The piece indices a `ranges` field asks for, in request order, or the WireError the spec
+    names (docs/protocol.md, "pieces"). Each index is asked for at most once: overlapping or repeated
+    ranges are refused, so a peer cannot make the server send the same bytes over and over."""
+    if not ranges:
+        raise wire.WireError("bad_range", "a request needs at least one range")
+    if len(ranges) > MAX_RANGES:
+        raise wire.WireError("too_large", f"{len(ranges)} ranges; at most {MAX_RANGES} per request")
+    for r in ranges:
+        if (not isinstance(r, list) or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r) or not 0 <= r[0] < r[1]):
+            raise wire.WireError("bad_range", "a range is [start, end) of two integers with 0 <= start < end")
+    total = sum(end - start for start, end in ranges)
+    if total > MAX_PIECES_PER_REQUEST:
+        raise wire.WireError("too_large", f"{total} pieces; at most {MAX_PIECES_PER_REQUEST} per request")
+    ordered = sorted(ranges)
+    for (_, prev_end), (start, _) in zip(ordered, ordered[1:], strict=False):
+        if start < prev_end:
+            raise wire.WireError("bad_range", "ranges overlap: each piece may be asked for once")
+    return [i for start, end in ranges for i in range(start, end)]

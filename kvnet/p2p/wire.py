@@ -17,6 +17,10 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST = 16 * 1024
 MAX_RESPONSE = 16 * 1024 * 1024
 
+# The codes a server may put in an error frame (docs/protocol.md, "Errors"). WireError also carries
+# the local-only codes "eof" and "reset" (how a read ended), which are never sent.
+ERROR_CODES = frozenset({"too_large", "malformed", "bad_range", "unknown_manifest", "timeout", "internal"})
+
 
 class WireError(KvnetError):
     """The peer sent something malformed, oversized or unexpected, or closed early."""
@@ -87,6 +91,9 @@ async def write_frame(stream: Stream, msg: dict[str, Any]) -> None:
 
 
 def error(code: str, msg: str, **extra: Any) -> dict[str, Any]:
+    """An error frame; only documented codes may go on the wire."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"undocumented error code {code!r}")
     return {"v": PROTOCOL_VERSION, "err": code, "msg": msg[:500], **extra}
 
 

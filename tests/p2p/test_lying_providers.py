@@ -1,5 +1,5 @@
 """Three providers, one lying (flipped bytes, a short piece, a stall): the fetch completes with the
-right bytes from the honest ones, and the liar is dropped and scored down persistently."""
+right bytes from the honest ones, the liar is dropped, asked nothing more, and scored down persistently."""
 
 import pytest
 import trio
@@ -11,6 +11,8 @@ from kvnet.publish import publish_tokens
 from tests.conftest import random_tokens
 from tests.p2p.conftest import make_node
 
+WINDOW = 2  # concurrent requests per provider in these fetches
+
 
 class LyingServer(PieceServer):
     """Answers piece requests, but every piece it sends is wrong in the chosen way."""
@@ -18,9 +20,11 @@ class LyingServer(PieceServer):
     def __init__(self, runner, mode: str) -> None:
         super().__init__(runner)
         self.mode = mode
+        self.requests = 0  # piece requests received
 
     async def _pieces(self, stream) -> None:
         req = await wire.read_frame(stream, wire.MAX_REQUEST)
+        self.requests += 1
         mid = req["manifest"]
         for i in self._indices(req["ranges"]):
             data = bytearray(await self.runner.call(self.runner.store.read_piece, mid, i))
@@ -62,11 +66,17 @@ async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
         assert len(found.providers) == 3
         # make the liar first in line, so it is certainly asked for pieces first
         before = client.scores.good(liar.peer_id.to_base58(), 50)
-        result = await client.fetch(found, found.signed.manifest.n_tokens, window=2, batch=4)
+        result = await client.fetch(found, found.signed.manifest.n_tokens, window=WINDOW, batch=4)
         await trio.sleep(2.5)  # a stall outlasting the fetch is detected in the background at its timeout
         n.cancel_scope.cancel()
     liar_id = liar.peer_id.to_base58()
     assert liar_id in result.providers
+    # Every response of the liar is bad from its first piece on, so each of its WINDOW request slots
+    # sent exactly one request before the first lie was caught, and none after: a liar that is
+    # scored down gets no further requests in this fetch.
+    # (a staller is dropped in the background after the result was returned, so only the others show it there)
+    assert mode == "stall" or result.providers[liar_id]["dropped"] is not None
+    assert 1 <= liar.server.requests <= WINDOW
     assert client.store.missing_pieces(pub.manifest_id) == []
     assert client.store.check() == []  # every stored byte verifies
     after = client.scores.get(liar_id)

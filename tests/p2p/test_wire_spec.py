@@ -1,0 +1,66 @@
+"""docs/protocol.md and the code agree: every error code the spec lists is one the server may send
+(and no other), and every limit in the spec's table is the constant the code enforces."""
+
+from __future__ import annotations
+
+import re
+
+from kvnet.p2p import compat, server, wire
+from tests.artifacts import ROOT
+
+SPEC = (ROOT / "docs" / "protocol.md").read_text()
+
+
+def _first_table(heading: str) -> list[list[str]]:
+    section = SPEC.split(heading, 1)[1].lstrip("\n")
+    lines = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_documented_error_codes_are_exactly_the_sendable_ones():
+    codes = {row[0].strip("`") for row in _first_table("### Errors")}
+    assert codes == wire.ERROR_CODES
+
+
+def test_documented_limits_are_the_enforced_ones():
+    limits = {row[0]: row[1] for row in _first_table("### Limits")}
+
+    def value(name: str) -> int:
+        m = re.search(r"\(([\d,]+) bytes\)", limits[name]) or re.match(r"(\d+)", limits[name])
+        return int(m.group(1).replace(",", ""))
+
+    assert value("request frame (payload after the 4-byte length)") == wire.MAX_REQUEST
+    assert value("response frame") == wire.MAX_RESPONSE
+    assert value("ranges per `pieces` request") == server.MAX_RANGES
+    assert value("pieces per `pieces` request (all ranges together)") == server.MAX_PIECES_PER_REQUEST
+    assert value("offers per `offer` response") == server.MAX_OFFERS
+    assert value("yamux initial window, each direction") == compat.YAMUX_SPEC_WINDOW
+    assert value("yamux window a kvnet receiver grants per stream") == compat.YAMUX_RECEIVE_WINDOW
+    assert "10 s by default" in limits["server: time from stream open to a complete request frame"]
+    assert server.REQUEST_TIMEOUT == 10.0
+    delta = compat.YAMUX_RECEIVE_WINDOW - compat.YAMUX_SPEC_WINDOW
+    assert f"delta {delta:,}" in SPEC
+
+
+def test_dht_message_limit_is_py_libp2ps():
+    from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, MAX_PROVIDERS_PER_MSG, MAX_RECORD_SIZE
+
+    assert f"| message length (the varint prefix) | 4 MiB ({MAX_DHT_MESSAGE_SIZE:,} bytes)" in SPEC
+    assert f"1 MiB ({MAX_RECORD_SIZE:,} bytes); a larger one is refused" in SPEC
+    assert f"| provider peers in one `ADD_PROVIDER` | {MAX_PROVIDERS_PER_MSG} " in SPEC
+
+
+def test_dht_field_numbers_are_the_protobuf_schema():
+    from libp2p.kad_dht.pb import kademlia_pb2 as pb
+
+    for msg in (pb.Message, pb.Message.Peer, pb.Record):
+        for f in msg.DESCRIPTOR.fields:
+            assert re.search(rf"\b{f.name} = {f.number};", SPEC), (msg.DESCRIPTOR.name, f.name)
+    for enum in (pb.Message.MessageType, pb.Message.ConnectionType):
+        for v in enum.DESCRIPTOR.values:
+            assert f"{v.name} = {v.number};" in SPEC
