@@ -43,20 +43,25 @@ from kvnet.store import Store  # noqa: E402
 from tests.artifacts import fake_artifact, provider_home, serve_process  # noqa: E402
 
 
+def _count_provides(node: Node) -> list[int]:
+    """Count the node's DHT provide() calls (whoever makes them) in the returned one-item list."""
+    calls = [0]
+    real = node.dht.provider_store.provide
+
+    async def counted(key: bytes) -> bool:
+        calls[0] += 1
+        return await real(key)
+
+    node.dht.provider_store.provide = counted
+    return calls
+
+
 async def count_provides(tmp: Path, sm, pieces) -> tuple[int, float]:
     boot = Node(Ed25519PrivateKey.generate(), Store(tmp / "cb"))
     holder = Node(Ed25519PrivateKey.generate(), Store(tmp / "ch"))
     holder.store.put_manifest(sm.raw)
     holder.store.put_pieces(sm.id, list(enumerate(pieces)))
-    calls = 0
-    real = holder.dht.provider_store.provide
-
-    async def counted(key: bytes) -> bool:
-        nonlocal calls
-        calls += 1
-        return await real(key)
-
-    holder.dht.provider_store.provide = counted
+    calls = _count_provides(holder)
     async with trio.open_nursery() as n:
         b = await n.start(boot.run)
         holder.bootstrap = [b.addrs[0]]
@@ -64,7 +69,7 @@ async def count_provides(tmp: Path, sm, pieces) -> tuple[int, float]:
         await n.start(holder.run)  # the announcement at start completes before run() reports started
         seconds = time.perf_counter() - t0
         n.cancel_scope.cancel()
-    return calls, seconds
+    return calls[0], seconds
 
 
 async def fetch_in_process(tmp: Path, sm, pieces) -> dict[str, float]:
@@ -79,20 +84,12 @@ async def fetch_in_process(tmp: Path, sm, pieces) -> dict[str, float]:
         holder.bootstrap = [b.addrs[0]]
         await n.start(holder.run)
         fetcher = Node(Ed25519PrivateKey.generate(), Store(tmp / "if"), bootstrap=[b.addrs[0]])
-        calls = 0
-        real = fetcher.dht.provider_store.provide
-
-        async def counted(key: bytes) -> bool:
-            nonlocal calls
-            calls += 1
-            return await real(key)
-
-        fetcher.dht.provider_store.provide = counted
+        calls = _count_provides(fetcher)
         t0 = time.perf_counter()
         outcome = await commands.fetch(fetcher, manifest_id=sm.id)
         total = time.perf_counter() - t0
         n.cancel_scope.cancel()
-    return {"total_s": total, "transfer_s": outcome.result.seconds, "provide_calls": calls}
+    return {"total_s": total, "transfer_s": outcome.result.seconds, "provide_calls": calls[0]}
 
 
 def fetch_process(tmp: Path, boot_addr: str, mid: bytes, run: int) -> dict[str, float]:

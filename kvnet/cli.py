@@ -22,24 +22,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from kvnet import __version__, identity, logs
-from kvnet.errors import KvnetError
+from kvnet.errors import KvnetError, first_kvnet_error
 from kvnet.hashing import b3
 from kvnet.tokenizer import read_text
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 out = Console()
-
-
-def kvnet_error(exc: BaseException) -> KvnetError | None:
-    """The KvnetError behind `exc`: itself, or the first one inside (nested) exception groups."""
-    if isinstance(exc, KvnetError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = kvnet_error(sub)
-            if found is not None:
-                return found
-    return None
 
 
 def _print_error(err: KvnetError) -> None:
@@ -66,7 +54,7 @@ class _Group(TyperGroup):
                           highlight=False)
             raise typer.Exit(code=exc.exit_code) from None
         except (KvnetError, BaseExceptionGroup) as exc:
-            err = kvnet_error(exc)
+            err = first_kvnet_error(exc)
             if err is None:
                 raise
             _print_error(err)

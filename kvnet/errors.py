@@ -26,3 +26,19 @@ class BootstrapError(NetworkError, ValueError):
 
 class ListenError(NetworkError):
     """The node cannot listen where it was told to (the address is in use or not local)."""
+
+
+def first_kvnet_error(exc: BaseException) -> KvnetError | None:
+    """The first `KvnetError` in an exception or any (nested) exception group, depth first.
+
+    trio nurseries wrap failures in (nested) ExceptionGroups; a deliberate error must still reach
+    the user as its own one line. None means the failure is a bug, not a KvnetError.
+    """
+    if isinstance(exc, KvnetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_kvnet_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 
 from kvnet import identity
-from kvnet.errors import KvnetError
+from kvnet.errors import first_kvnet_error
 from kvnet.manifest import ManifestError
 from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node, validate_bootstrap
@@ -96,18 +96,6 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
 def unreachable_message(node: Node) -> str:
     tried = "; ".join(f"{addr}: {why}" for addr, why in node.bootstrap_failed.items())
     return f"no bootstrap peer reachable (tried {len(node.bootstrap)}: {tried})"
-
-
-def first_kvnet_error(exc: BaseException) -> KvnetError | None:
-    """The first `KvnetError` in an exception or any (nested) exception group, depth first."""
-    if isinstance(exc, KvnetError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_kvnet_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
