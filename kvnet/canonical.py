@@ -20,6 +20,10 @@ from kvnet.errors import KvnetError
 
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
+# Arrays and maps nested deeper than this are refused by `decode` (the top-level value is depth 1).
+# kvnet's deepest structure, a manifest, is 2 deep; without a limit a 500-deep frame from a peer made
+# the re-encoding check recurse until RecursionError (answered `internal` instead of `malformed`).
+MAX_DEPTH = 32
 
 
 class CanonicalError(KvnetError, ValueError):
@@ -76,14 +80,30 @@ def encode(value: Any, *, allow_float: bool = False) -> bytes:
     return msgpack.packb(_sorted(value), use_bin_type=True)
 
 
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Is every array or map in `value` nested at most `limit` deep? Iterative, so it cannot itself
+    hit Python's recursion limit (msgpack's C unpacker decodes up to 1024 levels without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
 def decode(data: bytes, max_size: int = 16 * 1024 * 1024) -> Any:
-    """Decode canonical msgpack, refusing oversized, malformed or non-canonical input."""
+    """Decode canonical msgpack, refusing oversized, malformed, too deeply nested (MAX_DEPTH) or
+    non-canonical input."""
     if len(data) > max_size:
         raise CanonicalError(f"encoded value is {len(data)} bytes, limit is {max_size}")
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated exception types
         raise CanonicalError(f"malformed msgpack: {exc}") from exc
+    if not _depth_ok(value, MAX_DEPTH):
+        raise CanonicalError(f"nested deeper than {MAX_DEPTH} arrays or maps")
     try:
         again = encode(value)
     except CanonicalError as exc:

@@ -208,3 +208,392 @@ def apply() -> None:
 
 
 apply()
+
+
+# -- 4. swarm: free inbound slots on close, cap streams per connection, no auto-dialing -----------
+
+import libp2p.network.connection.swarm_connection as _swarm_conn  # noqa: E402 - this section's upstream
+import libp2p.network.swarm as _swarm  # noqa: E402 - this section's own upstream module
+
+_UPSTREAM_DO_HANDLE_INBOUND = _swarm.Swarm._do_handle_inbound_connection
+
+
+async def wait_connection_closed(swarm: Any, muxed_conn: Any) -> None:
+    """Return when `muxed_conn` has closed (either side, or an error), or when the swarm stops.
+
+    Relies on (0.8.1): yamux's `Yamux.event_closed` (a trio.Event set by `close()` and by
+    `_cleanup_on_error()` when the peer goes away) and `swarm.manager.wait_finished()`. A muxer
+    without `event_closed` falls back to upstream's wait for the swarm to stop.
+    """
+    closed = getattr(muxed_conn, "event_closed", None)
+    if not isinstance(closed, trio.Event):
+        await swarm.manager.wait_finished()
+        return
+    async with trio.open_nursery() as nursery:
+
+        async def swarm_stopped() -> None:
+            await swarm.manager.wait_finished()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(swarm_stopped)
+        await closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+    """Replacement for `Swarm._do_handle_inbound_connection` that returns when its connection closes.
+
+    Why: py-libp2p 0.8.1 caps inbound connections with `Swarm._inbound_limiter` (a CapacityLimiter of
+    max_connections - min_connections tokens, 300 - 50 = 250 by default). `_handle_inbound_connection`
+    takes a token per accepted socket and gives it back when `_do_handle_inbound_connection` returns,
+    but that function ends with `await self.manager.wait_finished()`, the "keep the handler alive"
+    barrier, which only returns when the whole host stops. So every inbound connection kept its token
+    (and its handler task) after it closed, and after 250 connections over its lifetime a node
+    refused every new one for good. The barrier itself is needed: trio's `serve_listeners` closes the
+    socket when the handler returns. So this waits for the connection to close instead
+    (`wait_connection_closed`); everything else is upstream's code, unchanged.
+
+    Relies on (0.8.1): the body of `_do_handle_inbound_connection` (pinned by the hash of its source in
+    tests/p2p/test_compat_pins_swarm.py), `upgrade_inbound_raw_conn` returning the muxed connection,
+    and the module globals `RawConnection`, `IMuxedConn`, `cast` and `logger` of libp2p.network.swarm.
+    """
+    remote_maddr = self._build_remote_multiaddr(read_write_closer)
+    if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+        _swarm.logger.debug("Inbound connection from %s denied by connection gate", remote_maddr)
+        try:
+            await read_write_closer.close()
+            failure_event.conn_incoming_error = True
+            if self.metric_send_channel is not None:
+                await self.metric_send_channel.send(failure_event)
+        except Exception:  # noqa: BLE001 - upstream's best-effort close
+            pass
+        return
+
+    if isinstance(read_write_closer, _swarm.IMuxedConn):  # QUIC and the like: already multiplexed
+        try:
+            muxed_conn = _swarm.cast(_swarm.IMuxedConn, read_write_closer)
+            await self.add_conn(muxed_conn, direction="inbound")
+            await wait_connection_closed(self, muxed_conn)
+        except Exception:  # noqa: BLE001 - upstream's handling: close and count the failure
+            await read_write_closer.close()
+            failure_event.conn_incoming_error = True
+            if self.metric_send_channel is not None:
+                await self.metric_send_channel.send(failure_event)
+        return
+
+    raw_conn = None
+    try:
+        raw_conn = _swarm.RawConnection(read_write_closer, False)
+        muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        await wait_connection_closed(self, muxed_conn)
+    except Exception as e:  # noqa: BLE001 - upstream's handling: close and count the failure
+        _swarm.logger.debug("Error handling incoming connection: %s", e)
+        try:
+            if raw_conn is not None:
+                await raw_conn.close()
+            else:
+                await read_write_closer.close()
+                failure_event.conn_incoming_error = True
+                if self.metric_send_channel is not None:
+                    await self.metric_send_channel.send(failure_event)
+        except Exception:  # noqa: BLE001 - upstream's best-effort close
+            pass
+
+
+def inbound_slots_in_use(swarm: Any) -> int:
+    """Inbound connection slots taken now (`Swarm._inbound_limiter.borrowed_tokens`, 0.8.1)."""
+    return int(swarm._inbound_limiter.borrowed_tokens)
+
+
+def inbound_slots_total(swarm: Any) -> int:
+    """Inbound connection slots in all (`Swarm._inbound_limiter.total_tokens`, 0.8.1)."""
+    return int(swarm._inbound_limiter.total_tokens)
+
+
+MAX_INBOUND_STREAMS_PER_CONNECTION = 32
+"""Inbound streams a connection may have in its handlers at once; the next is reset at once. With
+one connection per peer (kvnet.p2p.host.MAX_CONNECTIONS_PER_PEER) this is a per-peer cap. An honest
+kvnet peer uses at most a handful (a fetch keeps 4 piece requests in flight per provider, plus an
+offer and a few DHT requests)."""
+
+_UPSTREAM_HANDLE_MUXED_STREAM = _swarm_conn.SwarmConn._handle_muxed_stream
+
+
+def set_max_inbound_streams(swarm: Any, limit: int) -> None:
+    """Cap the inbound streams of each of this swarm's connections at `limit` (see handle_stream_capped)."""
+    swarm._kvnet_max_inbound_streams = limit
+
+
+async def handle_stream_capped(self: Any, muxed_stream: Any) -> None:
+    """Wrapper of `SwarmConn._handle_muxed_stream` that resets an inbound stream over the cap.
+
+    Why: py-libp2p 0.8.1 has no per-connection (or per-peer) stream limit: its resource manager
+    counts streams for the whole host (10,000 by default), so one peer could take them all, and each
+    stream it opens is a task running a protocol handler. Streams over the cap are reset before any
+    handler or protocol negotiation runs, and counted in `SwarmConn._kvnet_refused_streams`.
+
+    Relies on (0.8.1): `SwarmConn._handle_new_streams` starting one `_handle_muxed_stream(stream)`
+    task per accepted stream that runs the protocol handler to its end, and `.swarm` on SwarmConn.
+    """
+    limit = getattr(self.swarm, "_kvnet_max_inbound_streams", MAX_INBOUND_STREAMS_PER_CONNECTION)
+    active = getattr(self, "_kvnet_inbound_streams", 0)
+    if active >= limit:
+        self._kvnet_refused_streams = getattr(self, "_kvnet_refused_streams", 0) + 1
+        try:
+            await muxed_stream.reset()
+        except Exception as exc:  # noqa: BLE001 - the connection may be going down
+            log.debug("resetting a stream over the cap failed: %r", exc)
+        return
+    self._kvnet_inbound_streams = active + 1
+    try:
+        await _UPSTREAM_HANDLE_MUXED_STREAM(self, muxed_stream)
+    finally:
+        self._kvnet_inbound_streams -= 1
+
+
+async def _auto_connector_stays_stopped() -> None:
+    """`AutoConnector.start` for a kvnet host: leaves `_started` False (see disable_auto_connect)."""
+
+
+def disable_auto_connect(swarm: Any) -> None:
+    """Keep py-libp2p's auto-connector off for this swarm.
+
+    Why: py-libp2p 0.8.1 dials peers from the peerstore whenever a host has fewer connections than
+    (low_watermark + high_watermark) / 2 (200 by default): on each disconnect and every 30 s. For a
+    kvnet node after churn those are departed peers (every `kvnet fetch` that bootstrapped off it
+    leaves its address): up to 200 failed dials a round, each an fd, a task and an error log line.
+    kvnet keeps its routing table itself (DHT refresh) and dials only whom it asks. No option turns the
+    connector off (watermarks of 0 would make the pruner close every connection), so its `start` is
+    replaced on this instance: `_started` stays False, and both `run_background_task` and
+    `maybe_connect` return at once. Relies on (0.8.1): `Swarm.auto_connector`, `AutoConnector.start`
+    setting `_started`, and the `if not self._started: return` guards of the other two.
+    """
+    swarm.auto_connector.start = _auto_connector_stays_stopped
+
+
+def apply_swarm_patches() -> None:
+    """Install section 4's module-level patches (idempotent)."""
+    _swarm.Swarm._do_handle_inbound_connection = handle_inbound_until_closed
+    _swarm_conn.SwarmConn._handle_muxed_stream = handle_stream_capped
+
+
+apply_swarm_patches()
+
+
+# -- 5. Kademlia server: deadlines, one request per stream, per-peer and total handler caps --------
+
+
+class _OneRequestStream:
+    """What py-libp2p's DHT handler reads from: the one request the guard already read, then end of
+    stream. Everything else (write, close, reset, muxed_conn, ...) goes to the real stream.
+
+    Why: upstream's handler loops reading request after request on one stream, so a pipelining peer
+    kept a handler busy forever (336 answers/s) and an unknown type left the stream open; with
+    this, the handler answers one request and then sees a clean EOF, closing the stream.
+    """
+
+    def __init__(self, stream: Any, request: bytes) -> None:
+        self._stream, self._buffer = stream, request
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n is None or n < 0:
+            n = len(self._buffer)
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class DhtGuard:
+    """Admission and deadlines for one node's DHT handler (see `guard_dht_handler`)."""
+
+    def __init__(self, dht: Any) -> None:
+        from kvnet.p2p import dht_limits as limits
+
+        self.dht, self.limits = dht, limits
+        self.total = trio.CapacityLimiter(limits.DHT_HANDLERS_MAX)
+        self.per_peer: dict[str, trio.CapacityLimiter] = {}
+        self.waiting: dict[str, int] = {}
+        self.validations = trio.CapacityLimiter(limits.VALUE_VALIDATIONS_AT_ONCE)
+        self.refused = 0  # streams reset by a rule or a deadline
+        self.timed_out = 0  # of which by a deadline
+        self.queued = 0  # streams that found their peer's slots all taken and waited
+
+    async def _reset(self, stream: Any) -> None:
+        self.refused += 1
+        discard_unread(stream)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + 1.0
+            try:
+                await stream.reset()
+            except Exception as exc:  # noqa: BLE001 - the connection may be gone already
+                log.debug("DHT stream reset failed: %r", exc)
+
+    async def handle(self, stream: Any) -> None:
+        """The DHT protocol handler: admit, read one request within the deadline, check it, let
+        py-libp2p answer it, and reset the stream on any rule broken or deadline missed."""
+        limits = self.limits
+        peer = str(stream.muxed_conn.peer_id)
+        if self.waiting.get(peer, 0) >= limits.DHT_QUEUED_PER_PEER:
+            await self._reset(stream)
+            return
+        slot = self.per_peer.setdefault(peer, trio.CapacityLimiter(limits.DHT_STREAMS_PER_PEER))
+        self.waiting[peer] = self.waiting.get(peer, 0) + 1
+        start = trio.current_time()
+        held: list[trio.CapacityLimiter] = []
+        served = False
+        if slot.available_tokens == 0:
+            self.queued += 1
+        try:
+            with trio.move_on_at(start + limits.DHT_REQUEST_TIMEOUT_S):
+                for limiter in (slot, self.total):
+                    await limiter.acquire()
+                    held.append(limiter)
+            self.waiting[peer] -= 1
+            if len(held) == 2:
+                try:
+                    served = await self._serve(stream, peer, start)
+                except Exception as exc:  # noqa: BLE001 - an escaping error would leave the stream open
+                    log.debug("DHT handler for %s failed: %r", peer, exc)
+                    served = True
+                    await self._reset(stream)
+        finally:
+            for limiter in reversed(held):
+                limiter.release()
+            if self.waiting.get(peer) == 0 and slot.borrowed_tokens == 0:
+                self.waiting.pop(peer, None)
+                self.per_peer.pop(peer, None)
+        if not served:
+            self.timed_out += 1
+            await self._reset(stream)
+
+    async def _serve(self, stream: Any, peer: str, start: float) -> bool:
+        """Read, check and answer one request; False means the request deadline passed."""
+        from libp2p.kad_dht.pb.kademlia_pb2 import Message
+        from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+        limits = self.limits
+        with trio.move_on_at(start + limits.DHT_REQUEST_TIMEOUT_S) as reading:
+            try:
+                body = await read_varint_prefixed_bytes_limited(stream, limits.PUT_VALUE_MAX_BYTES)
+                msg = Message()
+                msg.ParseFromString(body)
+                msg = limits.check_request(msg, len(body))
+            except Exception as exc:  # noqa: BLE001 - malformed, oversized, truncated, refused
+                log.debug("DHT request from %s refused: %r", peer, exc)
+                await self._reset(stream)
+                return True
+        if reading.cancelled_caught:
+            return False
+        putting = msg.type == Message.MessageType.PUT_VALUE and msg.HasField("record")
+        if putting and not await self._prevalidate(msg):
+            await self._reset(stream)
+            return True
+        request = msg.SerializeToString()
+        token = limits.current_peer.set(peer)
+        try:
+            with trio.move_on_at(start + limits.DHT_STREAM_TIMEOUT_S) as answering:
+                await self.dht._do_handle_stream(_OneRequestStream(stream, _varint(len(request)) + request))
+            if answering.cancelled_caught:
+                self.timed_out += 1
+                await self._reset(stream)
+        finally:
+            limits.current_peer.reset(token)
+        return True
+
+    async def _prevalidate(self, msg: Any) -> bool:
+        """Run the value's validator in a worker thread (a manifest takes 1-90 ms to verify), so
+        py-libp2p's own synchronous validate call finds it already checked (see
+        kvnet.p2p.dht.ManifestValidator)."""
+        try:
+            key = msg.record.key.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        value = bytes(msg.record.value)
+        validator = self.dht.validator
+        try:
+            await trio.to_thread.run_sync(validator.validate, key, value, limiter=self.validations)
+        except Exception as exc:  # noqa: BLE001 - any validator error refuses the record
+            log.debug("DHT value refused: %r", exc)
+            return False
+        return True
+
+
+def discard_unread(stream: Any) -> int:
+    """Drop what a stream we are about to reset has buffered but nobody will read; return the bytes.
+
+    Why: py-libp2p 0.8.1's yamux keeps a fully closed stream, buffer included, for 60 s
+    (`_STALE_STREAM_GRACE_SECONDS`) when its receive buffer is not empty, and a reset does not empty
+    it. 150 refused 900 KB PUT_VALUE requests thus held +68 MB for a minute (measured). With the
+    buffer emptied first, `reset` -> `_finalize_stream(fully_closed=True)` drops the entry at once.
+    Relies on (0.8.1): `NetStream.muxed_stream`, `YamuxStream.conn` and `.stream_id`,
+    `Yamux.stream_buffers` (stream id -> bytearray).
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+    if not isinstance(buffers, dict):
+        return 0
+    buffer = buffers.get(getattr(muxed, "stream_id", None))
+    if not buffer:
+        return 0
+    size = len(buffer)
+    buffer.clear()
+    return size
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def guard_dht_handler(dht: Any) -> DhtGuard:
+    """Serve `dht`'s protocol through a `DhtGuard` instead of py-libp2p's `KadDHT.handle_stream`.
+
+    Why: py-libp2p 0.8.1 runs at most 12 DHT handlers at once (`_inbound_limiter`), resets the rest,
+    and has no read deadline; each handler reads requests in a loop until EOF. So any 12 streams
+    that were idle, truncated, dripping, not reading their answers or pipelining denied the DHT to
+    everyone, and unknown message types, PING and malformed varints left streams open. The guard:
+    DHT_REQUEST_TIMEOUT_S for the whole request, DHT_STREAM_TIMEOUT_S for the stream, exactly one
+    request per stream (then close), reset on any unknown type, PING, malformed varint or rule of
+    kvnet.p2p.dht_limits.check_request, DHT_STREAMS_PER_PEER per peer and DHT_HANDLERS_MAX in all.
+    Relies on (0.8.1): `KadDHT._do_handle_stream(stream)` (the handler body without the limiter),
+    reading with `read_varint_prefixed_bytes_limited` and treating EOF before a length as a clean
+    end; `host.set_stream_handler` replacing the handler `KadDHT.__init__` registered.
+    """
+    guard = DhtGuard(dht)
+    dht.host.set_stream_handler(_kad.PROTOCOL_ID, guard.handle)
+    dht.kvnet_guard = guard
+    return guard
+
+
+def install_dht_stores(dht: Any, provider_store: Any, value_store: Any) -> None:
+    """Replace a KadDHT's provider and value stores (kvnet.p2p.dht_limits' bounded ones).
+
+    Relies on (0.8.1): `KadDHT.provider_store` and `.value_store` being plain attributes that the
+    handler and the client paths read on every use (nothing else keeps a reference to them).
+    """
+    dht.provider_store = provider_store
+    dht.value_store = value_store
+
+
+# -- 6. provider lookups: the closer peers of a GET_PROVIDERS answer ------------------------------
+
+
+async def providers_and_closers_from_peer(dht: Any, peer: Any, key: bytes) -> tuple[list[Any], list[Any]]:
+    """Ask one peer (GET_PROVIDERS) for `key`: (provider PeerInfos, closer peer IDs).
+
+    Why: a provider lookup that only asks the peers `find_closest_peers_network` returned can be
+    eclipsed: Sybil peers closest to the key answer with themselves, and the peers holding the real
+    provider record are never asked. kvnet's lookup (`kvnet.p2p.dht.lookup_providers`) walks on
+    through the closer peers each answer names, which `providers_from_peer` throws away.
+    Relies on (0.8.1): `ProviderStore._get_providers_from_peer_with_closers(peer, key)` returning
+    `(providers, closer_peer_ids)`, and ([], []) for a peer that fails (it swallows the error),
+    which is why the lookup never counts an empty answer as proof of anything.
+    """
+    providers, closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+    return list(providers), list(closer)

@@ -19,9 +19,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
-from collections import deque
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from libp2p.kad_dht import DHTMode, KadDHT
@@ -29,8 +34,9 @@ from libp2p.records.validator import Validator
 
 from kvnet import chain
 from kvnet.hashing import b3
-from kvnet.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
-from kvnet.p2p import compat
+from kvnet.manifest import Manifest, ManifestError, parse
+from kvnet.p2p import compat, dht_limits
+from kvnet.p2p.dht_limits import MANIFEST_RECORD_MAX_BYTES
 
 DHT_PROTOCOL = "/kvnet/kad/1.0.0"
 MANIFEST_NS = "kvm"
@@ -62,17 +68,42 @@ def _mid_from_key(key: str) -> bytes:
 
 
 class ManifestValidator(Validator):
-    """Accept a manifest record only if it is exactly the signed, unexpired manifest its key names."""
+    """Accept a manifest record only if it is exactly the signed, unexpired manifest its key names,
+    and at most MANIFEST_RECORD_MAX_BYTES (kvnet.p2p.dht_limits: what a real manifest needs).
+
+    Verifying a manifest takes 1-90 ms (measured: 163 KB in 18 ms), too long for the event loop, so
+    the DHT handler guard (compat section 5) validates a PUT_VALUE in a worker thread first; the
+    record's key and BLAKE3 are then remembered for a short while, and py-libp2p's own synchronous
+    `validate` call on the same record only re-hashes it.
+    """
+
+    RECENT_MAX = 64  # validated (key, hash) pairs remembered
+    RECENT_S = 30.0  # for this long: a manifest that expires in between is refused on the next put
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._lock = threading.Lock()  # validate runs in worker threads too
 
     def validate(self, key: str, value: bytes) -> None:
-        if not isinstance(value, bytes | bytearray) or len(value) > MAX_MANIFEST_BYTES:
+        if not isinstance(value, bytes | bytearray) or len(value) > MANIFEST_RECORD_MAX_BYTES:
             raise ValueError("manifest record too large or not bytes")
-        if b3(value) != _mid_from_key(key):
+        digest = b3(value)
+        if digest != _mid_from_key(key):
             raise ValueError("manifest record does not hash to its key")
+        now = time.monotonic()
+        with self._lock:
+            seen = self._recent.get((key, digest))
+            if seen is not None and now - seen < self.RECENT_S:
+                return
         try:
             parse(bytes(value))
         except ManifestError as exc:
             raise ValueError(f"manifest record rejected: {exc}") from exc
+        with self._lock:
+            self._recent[(key, digest)] = now
+            self._recent.move_to_end((key, digest))
+            while len(self._recent) > self.RECENT_MAX:
+                self._recent.popitem(last=False)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return 0  # every valid value for a key is the same bytes (the key is their hash)
@@ -142,47 +173,172 @@ class ProvidePacer:
 
 
 def make_dht(host) -> KadDHT:
+    """A kvnet DHT server on `host`: strict validation, the manifest validator, and the server-side
+    bounds of kvnet.p2p.dht_limits (the handler guard with its deadlines and caps, bounded provider
+    and value stores), all installed through compat (section 5)."""
     dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
     compat.set_provider_rate_limit(dht, PROVIDER_RATE_MAX)
     dht.register_validator(MANIFEST_NS, ManifestValidator())
+    compat.install_dht_stores(dht, dht_limits.BoundedProviderStore(host, dht.peer_routing),
+                              dht_limits.BoundedValueStore(host, dht.local_peer_id))
+    compat.guard_dht_handler(dht)
     return dht
 
 
-async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, timeout: float = 10.0) -> dict:
-    """Providers of `key` on the network, de-duplicated by peer id: {peer_id: PeerInfo}.
+LOOKUP_MAX_QUERIES = 64  # GET_PROVIDERS queries one provider lookup may send (docs/discovery.md)
+LOOKUP_TIMEOUT_S = 60.0  # wall time of one provider lookup, offers included
+LOOKUP_SEED_PEERS = 40  # routing-table peers closest to the key added to the walk's first candidates
+# GET_PROVIDERS queries in flight at once. More than Kademlia's ALPHA: under a Sybil attack most
+# answers are lies or stalls, and each query to a peer not yet connected costs a dial.
+LOOKUP_PARALLEL = 10
+
+OnProviders = Callable[[list], Awaitable[bool]]
+
+
+@dataclass
+class LookupStats:
+    queries: int = 0  # GET_PROVIDERS sent
+    answered: int = 0  # of which answered with something (an empty answer is indistinguishable from a failure)
+    providers: int = 0  # distinct providers seen
+    done: bool = False  # stopped because `on_providers` was satisfied (not exhausted / out of time)
+
+
+async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *, exclude: object = None,
+                           avoided: Callable[[object], bool] | None = None, timeout: float = 10.0,
+                           max_queries: int = LOOKUP_MAX_QUERIES, deadline_s: float = LOOKUP_TIMEOUT_S,
+                           alpha: int = ALPHA, parallel: int = LOOKUP_PARALLEL) -> LookupStats:
+    """Walk the peers closest to `key`, asking each for providers, until `on_providers` is satisfied.
+
+    Why not py-libp2p's lookup: Sybil peers that are (or claim to be) closest to a key answer first,
+    with only themselves; a lookup that stops once a few peers answered and *some* provider is known
+    never reaches the real holder (20 liars made 9 of 9 honest fetches fail). So:
+
+    - candidates are the routing table's `LOOKUP_SEED_PEERS` closest, the network's closest peers
+      (an iterative FIND_NODE, run alongside, joining when it answers), and every closer peer an
+      answer names; none is asked twice;
+    - `parallel` queries are kept in flight, closest first, except that peers `avoided` (by
+      persistent score) go after all others;
+    - every batch of providers not seen before goes to `on_providers` (which asks them for offers and
+      verifies those); the walk stops once it returns True, after at least `alpha` answers, or when
+      no candidate is left, `max_queries` were sent, or `deadline_s` passed.
+    Local provider records are handed over first.
+    """
+    me = dht.host.get_id()
+    stats = LookupStats()
+    seen: set = {me, exclude}
+    asked: set = {me, exclude}
+    candidates: dict = {}  # peer id -> (avoided, XOR distance to the key)
+    target = hashlib.sha256(key).digest()
+    wake = trio.Event()
+    in_flight = 0
+    handing = 0  # workers inside `on_providers`
+    seeding = True  # the network's closest peers may still be added
+    satisfied = False
+
+    def add(peers: list) -> None:
+        nonlocal wake
+        for p in peers:
+            if p not in asked and p not in candidates:
+                dist = int.from_bytes(hashlib.sha256(p.to_bytes()).digest(), "big") ^ int.from_bytes(target, "big")
+                candidates[p] = (bool(avoided and avoided(p)), dist)
+        wake.set()
+        wake = trio.Event()
+
+    async def hand_over(providers: list) -> None:
+        nonlocal satisfied
+        new = []
+        for info in providers:
+            if info.peer_id not in seen:
+                seen.add(info.peer_id)
+                new.append(info)
+        stats.providers += len(new)
+        if new and await on_providers(new):
+            satisfied = True
+
+    async def seed_from_network() -> None:
+        nonlocal seeding
+        try:
+            with trio.move_on_after(timeout):
+                add(list(await dht.peer_routing.find_closest_peers_network(key)))
+        except Exception as exc:  # noqa: BLE001 - the routing table still seeds the walk
+            log.debug("closest-peer lookup failed: %r", exc)
+        finally:
+            seeding = False
+            add([])
+
+    async def worker(cancel: trio.CancelScope) -> None:
+        nonlocal in_flight, handing
+        while True:
+            if satisfied and stats.answered >= alpha:
+                if handing == 0:  # never cut off offers still being asked for
+                    stats.done = True
+                    cancel.cancel()
+                    return
+                await wake.wait()
+                continue
+            if not candidates or stats.queries >= max_queries:
+                if (in_flight == 0 and not seeding) or stats.queries >= max_queries:
+                    if satisfied and handing == 0:
+                        stats.done = True
+                        cancel.cancel()
+                    return
+                await wake.wait()
+                continue
+            peer = min(candidates, key=candidates.__getitem__)
+            del candidates[peer]
+            asked.add(peer)
+            stats.queries += 1
+            in_flight += 1
+            providers: list = []
+            try:
+                with trio.move_on_after(timeout):
+                    providers, closer = await compat.providers_and_closers_from_peer(dht, peer, key)
+                    if providers or closer:
+                        stats.answered += 1
+                    add(closer)
+                # outside the query's deadline: the offers asked here have deadlines of their own
+                handing += 1
+                try:
+                    await hand_over(providers)
+                finally:
+                    handing -= 1
+            except Exception as exc:  # noqa: BLE001 - an unreachable peer contributes nothing
+                log.debug("GET_PROVIDERS to %s failed: %r", peer, exc)
+            finally:
+                in_flight -= 1
+                add([])  # wake the others: a slot is free or the walk may be over
+
+    with trio.move_on_after(deadline_s):
+        await hand_over(list(dht.provider_store.get_providers(key)))
+        add(dht.routing_table.find_local_closest_peers(key, LOOKUP_SEED_PEERS))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(seed_from_network)  # joins the walk when it answers, never holds it up
+            for _ in range(parallel):
+                nursery.start_soon(worker, nursery.cancel_scope)
+    stats.done = stats.done or satisfied
+    return stats
+
+
+async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, timeout: float = 10.0,
+                            avoided: Callable[[object], bool] | None = None) -> dict:
+    """Providers of `key` on the network, de-duplicated by peer id: {peer_id: PeerInfo}, unverified.
 
     py-libp2p's `find_providers` returns whatever the local provider store holds (including our own
     record, and results cached from earlier lookups) without asking the network. We need fresh
-    answers (a partial host must still find the others; a dead provider must age out), so we look up
-    the closest peers to the key and ask each of them, in parallel, plus any local records.
+    answers (a partial host must still find the others; a dead provider must age out), so we walk
+    the closest peers (`lookup_providers`) until `ALPHA` of them have answered and some provider is
+    known. This trusts what peers say: a node that fetches uses `kvnet.p2p.node.Node`'s lookups,
+    which stop only on offers that verify.
     """
-    store = dht.provider_store
-    found = {p.peer_id: p for p in store.get_providers(key)}
+    found: dict = {}
+
+    async def collect(providers: list) -> bool:
+        for p in providers:
+            found.setdefault(p.peer_id, p)
+        return True
+
+    await lookup_providers(dht, key, collect, exclude=exclude, avoided=avoided, timeout=timeout)
     me = dht.host.get_id()
-    closest = [p for p in await dht.peer_routing.find_closest_peers_network(key) if p != me]
-
-    answered = 0
-
-    async def ask(peer: object) -> None:
-        nonlocal answered
-        with trio.move_on_after(timeout):
-            try:
-                providers = await compat.providers_from_peer(dht, peer, key)
-            except Exception:  # noqa: BLE001 - an unreachable peer simply contributes nothing
-                return
-            answered += 1
-            for p in providers:
-                found.setdefault(p.peer_id, p)
-
-    # Providers store their records at the closest peers to the key, so the closest peers that answer
-    # hold (nearly) the full set: ask them ALPHA at a time, closest first, until ALPHA of them have
-    # answered and some provider is known (dead or departed peers do not count as answers).
-    for start in range(0, len(closest), ALPHA):
-        async with trio.open_nursery() as nursery:
-            for peer in closest[start : start + ALPHA]:
-                nursery.start_soon(ask, peer)
-        if answered >= ALPHA and any(pid not in (me, exclude) for pid in found):
-            break
     return {pid: info for pid, info in found.items() if pid not in (me, exclude)}
 
 
@@ -190,12 +346,16 @@ async def find_provider_ids(dht: KadDHT, key: bytes, exclude: object = None, tim
 class PrefixHit:
     n_tokens: int  # the prompt's tokens covered by `key`
     key: bytes
-    providers: dict  # peer_id -> PeerInfo
+    providers: Any  # what the probe returned: by default {peer_id: PeerInfo}
     queries: int
 
 
+Probe = Callable[[bytes, int], Awaitable[Any]]
+
+
 async def find_longest_prefix(dht: KadDHT, model_id: bytes, tokens: list[int], block_size: int,
-                              exclude: object = None, fanout: int = 4) -> PrefixHit | None:
+                              exclude: object = None, fanout: int = 4, probe: Probe | None = None
+                              ) -> PrefixHit | None:
     """The prompt's longest power-of-two block boundary that some provider announces.
 
     Providers announce the keys at 1, 2, 4, ... blocks of what they hold, so "boundary 2^j has a
@@ -203,6 +363,11 @@ async def find_longest_prefix(dht: KadDHT, model_id: bytes, tokens: list[int], b
     unresolved interval (the last boundary is in the first round): a 640-block prompt has 10 such
     boundaries, found in at most 2 rounds. The caller extends the hit to the exact longest common
     prefix from the offers' signed chains.
+
+    `probe(key, n_tokens)` decides whether a boundary is held; anything truthy is a hit and becomes
+    the hit's `providers`. By default it is `find_provider_ids` (any provider record counts); a node
+    passes one that counts only offers that verify, so a liar announcing a boundary it does not
+    hold makes that boundary a miss instead of the answer.
     """
     keys = [k for k in chain.chain_keys(model_id, tokens, block_size)
             if k.n_tokens % block_size == 0 and is_announced_block_count(k.n_tokens // block_size)]
@@ -216,12 +381,15 @@ async def find_longest_prefix(dht: KadDHT, model_id: bytes, tokens: list[int], b
         probes = sorted({hi - (span * j) // fanout for j in range(fanout)} | {hi})
         results: dict[int, dict] = {}
 
-        async def probe(i: int, results: dict[int, dict] = results) -> None:
-            results[i] = await find_provider_ids(dht, keys[i].key, exclude)
+        async def one(i: int, results: dict[int, Any] = results) -> None:
+            if probe is None:
+                results[i] = await find_provider_ids(dht, keys[i].key, exclude)
+            else:
+                results[i] = await probe(keys[i].key, keys[i].n_tokens)
 
         async with trio.open_nursery() as nursery:
             for i in probes:
-                nursery.start_soon(probe, i)
+                nursery.start_soon(one, i)
         queries += len(probes)
         hits = [i for i in probes if results[i]]
         misses = [i for i in probes if not results[i]]

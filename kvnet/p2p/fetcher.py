@@ -137,7 +137,9 @@ class Fetch:
                 if head.get("done") is True:
                     break
                 if "err" in head and "i" not in head:
-                    raise _Drop("protocol", f"peer refused: {head.get('err')} {head.get('msg', '')}")
+                    # over its serving limits (busy, rate_limited) a provider is merely loaded, not lying
+                    reason = "refused" if head.get("err") in wire.LOAD_CODES else "protocol"
+                    raise _Drop(reason, f"peer refused: {head.get('err')} {head.get('msg', '')}")
                 i = wire.field(head, "i", int)
                 if i not in remaining:
                     raise _Drop("protocol", f"unrequested or repeated piece {i}")

@@ -19,15 +19,24 @@ from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from kvnet.errors import ListenError
-from kvnet.p2p.compat import YAMUX_RECEIVE_WINDOW, GrantingYamux, close_listeners
+from kvnet.p2p.compat import (
+    MAX_INBOUND_STREAMS_PER_CONNECTION,
+    YAMUX_RECEIVE_WINDOW,
+    GrantingYamux,
+    close_listeners,
+    disable_auto_connect,
+    set_max_inbound_streams,
+)
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
@@ -36,6 +45,26 @@ DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 # bulk transfer between kvnet nodes runs at 4 MiB windows while a stock go/js/rust/py peer is never
 # sent more than it granted.
 YAMUX_INITIAL_WINDOW = YAMUX_RECEIVE_WINDOW
+
+# Connection limits (docs/security.md, "Connections and streams"). py-libp2p enforces the connection
+# limits given to it by connection_config(); kvnet names its own values instead of inheriting upstream's
+# defaults silently. The stream cap is kvnet's (kvnet.p2p.compat section 4).
+MAX_CONNECTIONS = 300
+"""Connections in total, inbound and outbound (py-libp2p refuses the next one at registration)."""
+OUTBOUND_RESERVE = 50
+"""Of MAX_CONNECTIONS, kept for this node's own dials: py-libp2p caps inbound connections at
+MAX_CONNECTIONS - OUTBOUND_RESERVE (its `min_connections`), so strangers dialling in can never take
+the slots a node needs to fetch and to answer DHT lookups."""
+MAX_INBOUND_CONNECTIONS = MAX_CONNECTIONS - OUTBOUND_RESERVE
+"""Inbound connections open at once (250). A slot is freed when its connection closes
+(kvnet.p2p.compat.handle_inbound_until_closed; upstream freed it only at host shutdown)."""
+MAX_CONNECTIONS_PER_PEER = 1
+"""Connections per peer (any other value makes py-libp2p wait a fixed 250 ms on every dial). Soft:
+py-libp2p trims a peer's extra connections only once they are older than its 20 s grace period
+(`ConnectionConfig.grace_period`); the hard bounds are MAX_INBOUND_CONNECTIONS and MAX_CONNECTIONS."""
+MAX_STREAMS_PER_CONNECTION = MAX_INBOUND_STREAMS_PER_CONNECTION
+"""Inbound streams one connection (so one peer) may have in handlers at once (32); py-libp2p has no
+such knob, kvnet.p2p.compat.handle_stream_capped adds it."""
 
 
 def quiet_logs(level: int = logging.ERROR) -> None:
@@ -59,17 +88,58 @@ def public_key_of(peer: ID) -> bytes | None:
     return pk.to_bytes() if isinstance(pk, Ed25519PublicKey) else None
 
 
-def make_host(key: CgPrivateKey) -> IHost:
-    """A host with only Noise and yamux negotiated (never plaintext or mplex)."""
+def connection_config() -> ConnectionConfig:
+    """py-libp2p's connection settings with kvnet's limits (module constants above).
+
+    The watermarks keep upstream's relation (min <= low <= high <= max): pruning starts above
+    MAX_CONNECTIONS only, which add_conn refuses anyway.
+    """
+    return ConnectionConfig(max_connections=MAX_CONNECTIONS, min_connections=OUTBOUND_RESERVE,
+                            high_watermark=MAX_CONNECTIONS, max_connections_per_peer=MAX_CONNECTIONS_PER_PEER)
+
+
+def make_host(key: CgPrivateKey, *, max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION) -> IHost:
+    """A host with only Noise and yamux negotiated (never plaintext or mplex), and kvnet's limits."""
     kp = keypair(key)
     host = new_host(
         key_pair=kp,
         sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=create_x25519().private_key)},
         muxer_opt={YAMUX_ID: GrantingYamux},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=connection_config(),
     )
+    set_max_inbound_streams(host.get_network(), max_streams_per_connection)
+    disable_auto_connect(host.get_network())
     quiet_logs()
     return host
+
+
+REFUSED_HINT = "the peer closed the connection before the handshake: it may be at its connection limit"
+
+
+def closed_before_handshake(exc: BaseException) -> bool:
+    """Whether a dial failed because the peer accepted the TCP connection and closed it unanswered.
+
+    That is what a node at its inbound connection limit does (py-libp2p closes the socket before the
+    Noise handshake), and py-libp2p reports it as "failed to negotiate the secure protocol", which
+    reads like a version mismatch. Walks the exception's groups, causes and py-libp2p `MultiError`s
+    for a `SecurityUpgradeFailure` and, under it, an end of stream (`IncompleteReadError`) or a reset
+    (`ConnectionClosedError`, `ConnectionResetError`: the node closed with our first bytes unread).
+    """
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    security = eof = False
+    while stack and len(seen) < 64:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        security = security or isinstance(e, SecurityUpgradeFailure)
+        eof = eof or isinstance(e, IncompleteReadError | ConnectionClosedError | ConnectionResetError)
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        stack.extend(x for x in getattr(e, "errors", None) or [] if isinstance(x, BaseException))
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return security and eof
 
 
 def parse_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,24 @@ from kvnet.manifest import ManifestError, SignedManifest, parse
 from kvnet.p2p import dht as kdht
 from kvnet.p2p import wire
 from kvnet.p2p.fetcher import FetchResult, Provider, fetch_pieces
-from kvnet.p2p.host import DEFAULT_LISTEN, make_host, peer_info, quiet_logs, running
+from kvnet.p2p.host import (
+    DEFAULT_LISTEN,
+    REFUSED_HINT,
+    closed_before_handshake,
+    make_host,
+    peer_info,
+    quiet_logs,
+    running,
+)
 from kvnet.p2p.scores import PeerScores
-from kvnet.p2p.server import OFFER_PROTOCOL, PIECES_PROTOCOL, HostingTerms, PieceServer, StoreRunner
+from kvnet.p2p.server import (
+    OFFER_PROTOCOL,
+    PIECES_PROTOCOL,
+    HostingTerms,
+    PieceServer,
+    ServeLimits,
+    StoreRunner,
+)
 from kvnet.store import Store
 
 log = logging.getLogger("kvnet.p2p.node")
@@ -45,6 +61,7 @@ GROWTH_CHECK_S = 2.0
 GROWTH_MIN_INTERVAL_S = 60.0
 WATCH_S = 2.0
 MAX_OFFERS_READ = 8
+OFFER_CONCURRENCY = 8  # offer requests one provider lookup has in flight at once
 # libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
 # kvnet logs what matters about peers itself, on its own loggers.
 LIBP2P_LOG_LEVEL = logging.CRITICAL
@@ -135,14 +152,16 @@ class Node:
                  bootstrap: list[str] | None = None, scores_path: Path | None = None,
                  terms: HostingTerms | None = None, republish_s: float = 3600.0, refresh_s: float = 60.0,
                  timeout: float = 10.0, watch_s: float = WATCH_S, growth_check_s: float = GROWTH_CHECK_S,
-                 growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S) -> None:
+                 growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S,
+                 serve_limits: ServeLimits | None = None) -> None:
         self.key = key
         self.store = store
         self.runner = StoreRunner(store)
         self.listen = listen or [DEFAULT_LISTEN]
         self.bootstrap = bootstrap or []
         self.scores = PeerScores(scores_path)
-        self.server = PieceServer(self.runner, terms, request_timeout=timeout)
+        self.server = PieceServer(self.runner, terms, request_timeout=timeout, limits=serve_limits,
+                                  on_abuse=lambda peer, code: self.scores.bad(peer, "abuse"))
         self.republish_s, self.refresh_s, self.timeout = republish_s, refresh_s, timeout
         self.watch_s, self.growth_check_s = watch_s, growth_check_s
         self.growth = GrowthPolicy(growth_min_interval_s)
@@ -200,7 +219,8 @@ class Node:
                 await self.connect(addr)
                 self.bootstrap_reached.append(addr)
             except Exception as exc:  # noqa: BLE001 - a dead bootstrap peer is reported, not fatal
-                self.bootstrap_failed[addr] = _cause(exc)
+                self.bootstrap_failed[addr] = (f"{REFUSED_HINT} ({_cause(exc)})" if closed_before_handshake(exc)
+                                               else _cause(exc))
                 log.info("bootstrap peer %s unreachable: %s", addr, self.bootstrap_failed[addr])
 
         async with trio.open_nursery() as nursery:
@@ -378,37 +398,68 @@ class Node:
                    block_size: int = chain.DEFAULT_BLOCK_SIZE) -> Found | None:
         """The network's longest prefix of `tokens`.
 
-        The DHT search finds the longest announced power-of-two boundary; its providers' offers carry
-        the signed chain, which extends the match to the longest common prefix (partial tail included).
+        The DHT search finds the longest announced power-of-two boundary; a boundary counts as held
+        only if some provider's offer verifies for it (a signed manifest whose chain holds the key at
+        that boundary), so liars announcing keys they do not hold cannot move the search. The
+        verified offers carry the signed chain, which extends the match to the longest common prefix
+        (partial tail included).
         """
-        hit = await kdht.find_longest_prefix(self.dht, model_id, tokens, block_size, self.peer_id)
+        async def probe(key: bytes, n: int) -> list[Offer]:
+            offers, _ = await self._verified_offers(key, lambda o: _holds_key(o, key, n))
+            return offers
+
+        hit = await kdht.find_longest_prefix(self.dht, model_id, tokens, block_size, self.peer_id, probe=probe)
         if hit is None:
             return None
-        offers = await self._gather_offers(hit.providers, hit.key)
-        return _best_for_prefix(offers, hit.key, hit.n_tokens, tokens, hit.queries)
+        return _best_for_prefix(hit.providers, hit.key, hit.n_tokens, tokens, hit.queries)
 
     async def find_manifest(self, manifest_id: bytes) -> Found | None:
-        """Who holds (part of) this manifest, and which pieces each has."""
-        providers = await kdht.find_provider_ids(self.dht, manifest_id, self.peer_id)
-        offers = await self._gather_offers(providers, manifest_id)
-        chosen = [o for o in offers if o.signed.id == manifest_id]
+        """Who holds (part of) this manifest, and which pieces each has (offers that verify only)."""
+        chosen, _ = await self._verified_offers(manifest_id, lambda o: o.signed.id == manifest_id)
         if not chosen:
             return None
         return Found(chosen[0].signed, chosen[0].signed.manifest.n_tokens,
                      [Provider(o.peer, set(o.have)) for o in chosen], 1, chosen)
 
-    async def _gather_offers(self, providers: dict, key: bytes) -> list[Offer]:
-        for pid, info in providers.items():
-            self.host.get_peerstore().add_addrs(pid, info.addrs, PEER_ADDR_TTL)
-        offers: list[Offer] = []
+    async def _verified_offers(self, key: bytes, accept: Callable[[Offer], bool]
+                               ) -> tuple[list[Offer], kdht.LookupStats]:
+        """The offers for `key` that `accept` verifies, from a provider lookup that goes on until one
+        of them comes from a peer not avoided by score (or the lookup's bounds are reached).
 
-        async def ask(pid: ID) -> None:
-            offers.extend(await self.offers(pid, key))
+        Every provider the lookup reports is asked for `offer` (best score first, OFFER_CONCURRENCY at
+        a time); an offer that parses but does not verify for the key is a lie and is scored down
+        (garbage already is, in `offers`). A provider that offers nothing is merely skipped: an
+        honest node may have evicted the artifact since it announced it.
+        """
+        good: list[Offer] = []
+        limiter = trio.CapacityLimiter(OFFER_CONCURRENCY)
 
-        async with trio.open_nursery() as nursery:
-            for pid in providers:
-                nursery.start_soon(ask, pid)
-        return offers
+        async def ask(info) -> None:
+            async with limiter:
+                got = await self.offers(info.peer_id, key)
+            ok = [o for o in got if accept(o)]
+            if len(ok) < len(got):
+                score = self.scores.bad(info.peer_id.to_base58(), "protocol")
+                log.warning("provider %s offered %d manifest(s) that do not hold key %s (score now %.1f)",
+                            info.peer_id.to_base58(), len(got) - len(ok), key.hex()[:16], score)
+            good.extend(ok)
+
+        async def on_providers(infos: list) -> bool:
+            for info in infos:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
+            async with trio.open_nursery() as nursery:
+                for info in sorted(infos, key=lambda i: -self.scores.get(i.peer_id.to_base58())):
+                    nursery.start_soon(ask, info)
+            return any(not self.scores.avoided(o.peer) for o in good)
+
+        t0 = trio.current_time()
+        stats = await kdht.lookup_providers(self.dht, key, on_providers, exclude=self.peer_id,
+                                            avoided=lambda pid: self.scores.avoided(pid.to_base58()),
+                                            timeout=self.timeout)
+        log.debug("lookup of %s: %d queries, %d answered, %d providers, %d verified offers, %.2f s",
+                  key.hex()[:16], stats.queries, stats.answered, stats.providers, len(good),
+                  trio.current_time() - t0)
+        return good, stats
 
     # -- fetching -------------------------------------------------------------------------------
 
@@ -457,6 +508,13 @@ def _prompt_matches(m, i: int, tokens: list[int], keys: list[chain.ChainKey]) ->
     return counts
 
 
+def _holds_key(o: Offer, key: bytes, n: int) -> bool:
+    """Does the offered (signed, verified) manifest hold `key` as its chain key at `n` tokens?"""
+    m = o.signed.manifest
+    i = n // m.block_size - 1
+    return 0 <= i < len(m.chain) and m.chain[i] == key and m.boundary(i) == n
+
+
 def _best_for_prefix(offers: list[Offer], key: bytes, n: int, tokens: list[int], queries: int) -> Found | None:
     """Pick the manifest covering the most prompt tokens that its offering peers can supply.
 
@@ -466,9 +524,7 @@ def _best_for_prefix(offers: list[Offer], key: bytes, n: int, tokens: list[int],
     """
     by_id: dict[bytes, list[Offer]] = {}
     for o in offers:
-        m = o.signed.manifest
-        i = n // m.block_size - 1
-        if 0 <= i < len(m.chain) and m.chain[i] == key and m.boundary(i) == n:
+        if _holds_key(o, key, n):
             by_id.setdefault(o.signed.id, []).append(o)
     best: tuple[int, bytes] | None = None
     prompt_keys: dict[int, list[chain.ChainKey]] = {}

@@ -13,7 +13,10 @@ from pathlib import Path
 
 GOOD_PIECE = 0.1
 MAX_SCORE = 10.0
-PENALTY = {"bad_piece": -10.0, "bad_length": -10.0, "timeout": -5.0, "protocol": -5.0, "unreachable": -2.0}
+# "refused": a provider answered busy / rate_limited (loaded, not lying); "abuse": a peer this node
+# refused for going over its serving limits (scored by the server, at most once per limit window).
+PENALTY = {"bad_piece": -10.0, "bad_length": -10.0, "timeout": -5.0, "protocol": -5.0, "unreachable": -2.0,
+           "refused": -1.0, "abuse": -5.0}
 AVOID_BELOW = -15.0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -25,6 +25,17 @@ REQUEST_TIMEOUT = 10.0
 MAX_OFFERS = 8
 MAX_PIECES_PER_REQUEST = 64
 MAX_RANGES = 16
+# The fields a v1 request may carry (docs/protocol.md). Anything else is `malformed`: a v1 server that
+# ignored a field it does not know could silently drop a condition the client meant (a later
+# protocol version adds fields under a new `v`).
+OFFER_FIELDS = frozenset({"v", "key", "receipt"})
+PIECES_FIELDS = frozenset({"v", "manifest", "ranges", "receipt"})
+# Serving limits per peer (docs/protocol.md "Limits", docs/security.md). A kvnet fetch keeps at most 4
+# pieces requests in flight per provider, so 8 streams leave room for two fetches from one node.
+MAX_PIECES_STREAMS_PER_PEER = 8
+SERVE_BYTES_PER_PEER = 1 << 30  # piece bytes one peer may draw per SERVE_WINDOW_S (1 GiB/min)
+SERVE_WINDOW_S = 60.0
+PEER_USE_PRUNE_AT = 1024  # idle per-peer entries are dropped once this many are tracked
 
 log = logging.getLogger("kvnet.p2p.server")
 T = TypeVar("T")
@@ -66,14 +77,77 @@ async def _finish(stream: Any, ok: bool) -> None:
         pass
 
 
+@dataclass
+class ServeLimits:
+    """What one peer may take from this node's pieces server (identities are free, so these bound
+    the cost of one identity; the connection limits bound how many a node talks to at once)."""
+
+    streams_per_peer: int = MAX_PIECES_STREAMS_PER_PEER
+    bytes_per_window: int = SERVE_BYTES_PER_PEER
+    window_s: float = SERVE_WINDOW_S
+
+
+@dataclass
+class _PeerUse:
+    """One peer's open pieces streams and its byte budget: a token bucket holding up to
+    `bytes_per_window`, refilled evenly over `window_s` (so a peer never gets more than that in any
+    window, plus what refills during it)."""
+
+    tokens: float
+    stamp: float
+    streams: int = 0
+    served: int = 0
+    penalized_at: float = field(default=-1e18)
+
+
 class PieceServer:
     def __init__(self, runner: StoreRunner, terms: HostingTerms | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+                 request_timeout: float = REQUEST_TIMEOUT, limits: ServeLimits | None = None,
+                 on_abuse: Callable[[str, str], Any] | None = None) -> None:
+        """`on_abuse(peer, code)` is called (at most once per peer per limit window) when a peer is
+        refused for going over a limit; a node scores that peer down with it."""
         self.runner = runner
         self.terms = terms or HostingTerms()
         self.request_timeout = request_timeout
+        self.limits = limits or ServeLimits()
+        self.on_abuse = on_abuse
         self.served_pieces = 0
         self.served_bytes = 0
+        self.refused: dict[str, int] = {}  # error code -> refusals for a serving limit (busy, rate_limited)
+        self._use: dict[str, _PeerUse] = {}
+
+    # -- per-peer limits ------------------------------------------------------------------------
+
+    def _peer_use(self, peer: str) -> _PeerUse:
+        now = trio.current_time()
+        use = self._use.get(peer)
+        if use is None:
+            if len(self._use) >= PEER_USE_PRUNE_AT:
+                self._prune(now)
+            use = self._use[peer] = _PeerUse(float(self.limits.bytes_per_window), now)
+        cap = float(self.limits.bytes_per_window)
+        use.tokens = min(cap, use.tokens + (now - use.stamp) * cap / self.limits.window_s)
+        use.stamp = now
+        return use
+
+    def _prune(self, now: float) -> None:
+        """Forget peers with no open stream whose budget has refilled: they are indistinguishable
+        from new ones, so the table stays bounded however many identities come and go."""
+        cap = float(self.limits.bytes_per_window)
+        for peer, use in list(self._use.items()):
+            if use.streams == 0 and use.tokens + (now - use.stamp) * cap / self.limits.window_s >= cap:
+                del self._use[peer]
+
+    def _refuse(self, peer: str, use: _PeerUse, code: str, msg: str) -> wire.WireError:
+        self.refused[code] = self.refused.get(code, 0) + 1
+        now = trio.current_time()
+        if self.on_abuse is not None and now - use.penalized_at >= self.limits.window_s:
+            use.penalized_at = now
+            try:
+                self.on_abuse(peer, code)
+            except Exception as exc:  # noqa: BLE001 - scoring must never break serving
+                log.debug("scoring %s failed: %r", peer, exc)
+        return wire.WireError(code, msg)
 
     async def _guard(self, stream: Any, name: str, body: Callable[[Any], Any]) -> None:
         """Run a handler body; turn every failure into an error frame or a reset, never an escape."""
@@ -105,10 +179,11 @@ class PieceServer:
             pass
         return False
 
-    async def _read_request(self, stream: Any) -> dict:
+    async def _read_request(self, stream: Any, allowed: frozenset[str]) -> dict:
         """The one request frame of a stream, within the request timeout and size limit, with the
         fields every request shares checked: `v` must be 1 and `receipt` nil or absent (receipts
-        are reserved for payments; a v1 server cannot honour one, so it refuses rather than ignore it)."""
+        are reserved for payments; a v1 server cannot honour one, so it refuses rather than ignore it),
+        and no field outside `allowed`."""
         try:
             with trio.fail_after(self.request_timeout):
                 req = await wire.read_frame(stream, wire.MAX_REQUEST)
@@ -120,6 +195,9 @@ class PieceServer:
             raise wire.WireError("malformed", f"unsupported version {req.get('v')!r} (this node speaks 1)")
         if req.get("receipt") is not None:
             raise wire.WireError("malformed", "receipt must be nil: payments are not supported yet")
+        unknown = sorted(set(req) - allowed)
+        if unknown:
+            raise wire.WireError("malformed", f"unknown fields {unknown[:4]!r}")
         return req
 
     # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
@@ -128,7 +206,7 @@ class PieceServer:
         await self._guard(stream, "offer", self._offer)
 
     async def _offer(self, stream: Any) -> None:
-        req = await self._read_request(stream)
+        req = await self._read_request(stream, OFFER_FIELDS)
         key = wire.field(req, "key", bytes, size=32)
         offers = await self.runner.call(self._offers_for, key)
         await wire.write_frame(stream, {
@@ -151,10 +229,34 @@ class PieceServer:
     # -- /kvnet/pieces/1.0.0 --------------------------------------------------------------------
 
     async def handle_pieces(self, stream: Any) -> None:
-        await self._guard(stream, "pieces", self._pieces)
+        await self._guard(stream, "pieces", self._pieces_limited)
+
+    async def _pieces_limited(self, stream: Any) -> None:
+        """`_pieces` within the peer's stream limit (checked when the stream opens, before the
+        request is read: a peer holding its streams open idle is refused as well)."""
+        peer = _peer(stream)
+        use = self._peer_use(peer)
+        if use.streams >= self.limits.streams_per_peer:
+            raise self._refuse(peer, use, "busy", f"at most {self.limits.streams_per_peer} pieces streams per peer")
+        use.streams += 1
+        try:
+            await self._pieces(stream)
+        finally:
+            use.streams -= 1
+
+    def _charge(self, stream: Any, n: int) -> None:
+        """Take `n` bytes from the peer's budget, or refuse with `rate_limited` (before the piece is
+        sent: the error frame takes the place of its header)."""
+        peer = _peer(stream)
+        use = self._peer_use(peer)
+        if use.tokens < n:
+            raise self._refuse(peer, use, "rate_limited",
+                               f"over {self.limits.bytes_per_window} bytes per {self.limits.window_s:g} s")
+        use.tokens -= n
+        use.served += n
 
     async def _pieces(self, stream: Any) -> None:
-        req = await self._read_request(stream)
+        req = await self._read_request(stream, PIECES_FIELDS)
         mid = wire.field(req, "manifest", bytes, size=32)
         indices = piece_indices(wire.field(req, "ranges", list))
         try:
@@ -170,6 +272,7 @@ class PieceServer:
             except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
                 await wire.write_frame(stream, {"i": i, "err": "missing"})
                 continue
+            self._charge(stream, len(data))
             await wire.write_frame(stream, {"i": i, "n": len(data)})
             await stream.write(bytes(data))
             self.served_pieces += 1

@@ -19,7 +19,11 @@ MAX_RESPONSE = 16 * 1024 * 1024
 
 # The codes a server may put in an error frame (docs/protocol.md, "Errors"). WireError also carries
 # the local-only codes "eof" and "reset" (how a read ended), which are never sent.
-ERROR_CODES = frozenset({"too_large", "malformed", "bad_range", "unknown_manifest", "timeout", "internal"})
+ERROR_CODES = frozenset({"too_large", "malformed", "bad_range", "unknown_manifest", "timeout", "internal",
+                         "busy", "rate_limited"})
+# Of these, the codes that refuse a request for the peer's load rather than its content: the request
+# may be fine later, so a client backs off from that provider instead of treating it as a liar.
+LOAD_CODES = frozenset({"busy", "rate_limited"})
 
 
 class WireError(KvnetError):

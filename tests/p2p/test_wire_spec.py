@@ -47,12 +47,26 @@ def test_documented_limits_are_the_enforced_ones():
     assert f"delta {delta:,}" in SPEC
 
 
-def test_dht_message_limit_is_py_libp2ps():
-    from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, MAX_PROVIDERS_PER_MSG, MAX_RECORD_SIZE
+def test_dht_limits_are_the_enforced_ones():
+    from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, MAX_PROVIDERS_PER_MSG
+
+    from kvnet.p2p import dht_limits as lim
+    from kvnet.p2p.dht import PROVIDER_RATE_MAX
 
     assert f"| message length (the varint prefix) | 4 MiB ({MAX_DHT_MESSAGE_SIZE:,} bytes)" in SPEC
-    assert f"1 MiB ({MAX_RECORD_SIZE:,} bytes); a larger one is refused" in SPEC
+    assert f"| request message, except `PUT_VALUE` | 16 KiB ({lim.DHT_REQUEST_MAX_BYTES:,} bytes) |" in SPEC
+    assert (f"| `PUT_VALUE` message | 208 KiB ({lim.PUT_VALUE_MAX_BYTES:,} bytes); a manifest record at most "
+            f"192 KiB ({lim.MANIFEST_RECORD_MAX_BYTES:,} bytes) |") in SPEC
+    assert f"| `ADD_PROVIDER` / `GET_PROVIDERS` key | exactly {lim.PROVIDER_KEY_BYTES} bytes |" in SPEC
+    assert f"| `GET_VALUE` / `PUT_VALUE` key | exactly {lim.MANIFEST_KEY_BYTES} bytes" in SPEC
+    assert (f"| addresses kept per provider entry | {lim.PROVIDER_ADDRS_MAX}, each at most "
+            f"{lim.PROVIDER_ADDR_MAX_BYTES} bytes |") in SPEC
+    assert f"| `ADD_PROVIDER` messages from one peer | {PROVIDER_RATE_MAX} per 10 seconds" in SPEC
     assert f"| provider peers in one `ADD_PROVIDER` | {MAX_PROVIDERS_PER_MSG} " in SPEC
+    assert (f"| time to send the request / whole stream | {lim.DHT_REQUEST_TIMEOUT_S:g} seconds / "
+            f"{lim.DHT_STREAM_TIMEOUT_S:g} seconds |") in SPEC
+    assert (f"| DHT requests handled at once | {lim.DHT_HANDLERS_MAX} in total, {lim.DHT_STREAMS_PER_PEER} per "
+            f"peer (up to {lim.DHT_QUEUED_PER_PEER} more") in SPEC
 
 
 def test_dht_field_numbers_are_the_protobuf_schema():
