@@ -129,32 +129,10 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-def check_model_folder(model: str) -> None:
-    """Refuse a model folder whose config.json is invalid JSON or not a Qwen3 model, before loading it.
-
-    transformers would fail later with a multi-line message about tokenizers or shapes; this says what
-    is wrong in one line. Built-in synthetic refs and refs that are not folders pass through (the
-    model code reports those)."""
-    from kvnet.models import SYNTHETIC_CONFIGS
-
-    config = Path(model).expanduser() / "config.json"
-    if model in SYNTHETIC_CONFIGS or not config.is_file():
-        return
-    try:
-        raw = json.loads(config.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise _fail(f"model folder {model}: config.json is not valid JSON ({_one_line(exc)})") from exc
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind != "qwen3":
-        raise _fail(f"model folder {model} is not a Qwen3 model (config.json model_type is {kind!r}; "
-                    "kvnet runs Qwen3 models)")
-
-
 def _engine(model: str, dtype: str):
     """Load a model; any failure to load it (bad ref, invalid or non-Qwen3 config.json) is one line."""
     from kvnet.engine import Engine
 
-    check_model_folder(model)
     with console.status(f"loading model {model} ({dtype})"):
         try:
             return Engine(model, dtype, progress=lambda s: console.print(s, markup=False, highlight=False))
@@ -635,8 +613,9 @@ def exactness(
 ):
     """Publish a seeded document, reload it in a fresh process, and compare with prefill."""
     from kvnet import exactness as exp
+    from kvnet.models import resolve
 
-    check_model_folder(model)
+    resolve(model)  # an unusable model ref or folder is one line here, not a failure in the subprocess
     with console.status(f"exactness: {model} {dtype}, {doc_tokens} document tokens, {new_tokens} new"):
         try:
             report = exp.run(model, doc_tokens, new_tokens, dtype, seed, progress=lambda s: console.print(s))

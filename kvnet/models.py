@@ -123,7 +123,22 @@ def resolve(ref: str, progress: Callable[[str], None] | None = None) -> Resolved
     if not (path / "config.json").is_file():
         known = ", ".join(SYNTHETIC_CONFIGS)
         raise ModelRefError(f"model ref {ref!r} is neither a folder with config.json nor one of: {known}")
+    _check_qwen3_folder(ref, path)
     return ResolvedModel(ref, path.resolve(), (path / SYNTHETIC_MARKER).is_file())
+
+
+def _check_qwen3_folder(ref: str, path: Path) -> None:
+    """Refuse a folder whose config.json is invalid JSON or not a Qwen3 model, before loading it:
+    transformers would fail later with a multi-line message about tokenizers or shapes."""
+    try:
+        raw = json.loads((path / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ModelRefError(f"model folder {ref}: config.json is not valid JSON ({reason})") from exc
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind != "qwen3":
+        raise ModelRefError(f"model folder {ref} is not a Qwen3 model (config.json model_type is {kind!r}; "
+                            "kvnet runs Qwen3 models)")
 
 
 def _tensor_seed(model_name: str, tensor_name: str) -> int:

@@ -183,18 +183,6 @@ def set_provider_rate_limit(dht: Any, per_window: int) -> None:
     dht._provider_rate_max = per_window
 
 
-async def providers_from_peer(dht: Any, peer: Any, key: bytes) -> list[Any]:
-    """Ask one peer (GET_PROVIDERS) for the providers of `key`; return their PeerInfos.
-
-    Why: py-libp2p 0.8.1's public `find_providers` answers from the local provider store (our own
-    record, results cached from earlier lookups) without asking the network, so a node that held
-    part of an artifact never found the others. Relies on (0.8.1): the private
-    `ProviderStore._get_providers_from_peer_with_closers(peer, key) -> (providers, closer_peers)`.
-    """
-    providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
-    return list(providers)
-
-
 def provider_rate_window(dht: Any) -> float:
     """Seconds of py-libp2p's ADD_PROVIDER rate window (`KadDHT._provider_rate_window`)."""
     return float(dht._provider_rate_window)
@@ -590,7 +578,7 @@ async def providers_and_closers_from_peer(dht: Any, peer: Any, key: bytes) -> tu
     Why: a provider lookup that only asks the peers `find_closest_peers_network` returned can be
     eclipsed: Sybil peers closest to the key answer with themselves, and the peers holding the real
     provider record are never asked. kvnet's lookup (`kvnet.p2p.dht.lookup_providers`) walks on
-    through the closer peers each answer names, which `providers_from_peer` throws away.
+    through the closer peers each answer names, which py-libp2p's own lookup throws away.
     Relies on (0.8.1): `ProviderStore._get_providers_from_peer_with_closers(peer, key)` returning
     `(providers, closer_peer_ids)`, and ([], []) for a peer that fails (it swallows the error),
     which is why the lookup never counts an empty answer as proof of anything.

@@ -5,7 +5,7 @@ Pieces are assigned across providers in batches; each provider gets `window` con
 elsewhere (endgame), and the first verified copy wins. Each received piece is checked (length, then
 BLAKE3 against the signed manifest) as soon as it is read, so a liar is dropped before it can be sent
 another request; verified pieces go to one writer task that stores them in group commits
-(`Store.put_pieces`, which verifies again), off the event loop. A provider that sends a bad piece, a
+(`Store.put_pieces`, without hashing them again), off the event loop. A provider that sends a bad piece, a
 wrong length, a protocol violation or nothing before the timeout is dropped for this fetch, scored
 down persistently, gets no further request in this fetch, and its pieces go back to the pool.
 """
@@ -22,11 +22,11 @@ from typing import Any
 import trio
 
 from kvnet.errors import NetworkError
-from kvnet.hashing import b3
 from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
+from kvnet.pieces import ArtifactError, verify_piece
 
 log = logging.getLogger("kvnet.p2p.fetcher")
 
@@ -156,9 +156,11 @@ class Fetch:
                         data = await wire.read_exact(stream, n)
                 except wire.WireError as exc:
                     raise _Drop("bad_length", f"piece {i}: {exc}") from exc
-                if b3(data) != self.m.pieces[i]:  # caught here, before this peer is sent another request
-                    raise _Drop("bad_piece", f"piece {i}: BLAKE3 mismatch")
-                await self._accept(p, i, data)  # handed to the writer, which stores (and re-verifies) it
+                try:  # caught here, before this peer is sent another request
+                    verify_piece(self.m, i, data)
+                except ArtifactError as exc:
+                    raise _Drop("bad_piece", str(exc)) from exc
+                await self._accept(p, i, data)  # handed to the writer, which stores it
                 remaining.discard(i)
             if remaining:
                 raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
@@ -172,7 +174,7 @@ class Fetch:
                 await stream.close()
 
     async def _accept(self, p: Provider, i: int, data: bytearray) -> None:
-        """Queue a received piece for the writer (verification and storage happen there, batched)."""
+        """Queue a verified piece for the writer, which stores pieces in group commits."""
         if i not in self.pending or i in self.queued:  # an endgame duplicate that lost the race
             self._release(p, [i])
             return
@@ -183,7 +185,7 @@ class Fetch:
             self.queued.discard(i)  # the fetch is over; this late copy is not needed
 
     async def _writer(self, rx: trio.MemoryReceiveChannel) -> None:
-        """Verify and store received pieces in group commits, and blame the sender of a bad one."""
+        """Store received (already verified) pieces in group commits."""
         async with rx:
             async for first in rx:
                 batch = [first]
@@ -193,18 +195,14 @@ class Fetch:
                     except trio.WouldBlock:
                         break
                 try:
-                    _, errors = await self.runner.call(self.runner.store.put_pieces, self.sm.id,
-                                                       [(i, d) for _, i, d in batch])
+                    await self.runner.call(self.runner.store.put_pieces, self.sm.id,
+                                           [(i, d) for _, i, d in batch], True)
                 except Exception as exc:  # noqa: BLE001 - a full store ends the fetch with its error
                     self.failure = exc
                     self._wake()
                     return
                 for p, i, data in batch:
                     self.queued.discard(i)
-                    if i in errors:
-                        self._release(p, [i])
-                        self._drop(p, "bad_piece", str(errors[i]))
-                        continue
                     if i in self.pending:
                         self.pending.discard(i)
                         self.fetched += 1

@@ -96,7 +96,6 @@ class _PeerUse:
     tokens: float
     stamp: float
     streams: int = 0
-    served: int = 0
     penalized_at: float = field(default=-1e18)
 
 
@@ -253,7 +252,6 @@ class PieceServer:
             raise self._refuse(peer, use, "rate_limited",
                                f"over {self.limits.bytes_per_window} bytes per {self.limits.window_s:g} s")
         use.tokens -= n
-        use.served += n
 
     async def _pieces(self, stream: Any) -> None:
         req = await self._read_request(stream, PIECES_FIELDS)
@@ -278,12 +276,6 @@ class PieceServer:
             self.served_pieces += 1
             self.served_bytes += len(data)
         await wire.write_frame(stream, {"done": True})
-
-    @staticmethod
-    def _indices(ranges: list) -> list[int]:
-        """The same as `piece_indices` (kept for subclasses in tests that serve pieces their own way)."""
-        return piece_indices(ranges)
-
 
 def piece_indices(ranges: list) -> list[int]:
     """The piece indices a `ranges` field asks for, in request order, or the WireError the spec

@@ -14,3 +14,12 @@ def make_node(tmp: Path, name: str, bootstrap: list[str] | None = None, **kw) ->
     store = Store(tmp / name / "store")
     return Node(Ed25519PrivateKey.generate(), store, bootstrap=bootstrap or [],
                 scores_path=tmp / name / "scores.sqlite", **kw)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (attack tests bound what strangers make a node hold)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")

@@ -26,7 +26,7 @@ from libp2p.network.config import ConnectionConfig
 from kvnet.p2p import compat
 from kvnet.p2p.host import MAX_INBOUND_CONNECTIONS, REFUSED_HINT
 from tests.artifacts import ROOT, fake_artifact
-from tests.p2p.conftest import make_node
+from tests.p2p.conftest import make_node, rss_mb
 
 CHURN_PEERS = 1000
 CHURN_CONCURRENCY = 32  # attackers connected at once: well below the 250 inbound slots
@@ -38,14 +38,6 @@ RSS_GROWTH_LIMIT_MB = 64  # measured: +4 to +5 MB for 1000 peers
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _trio_tasks() -> int:
@@ -63,7 +55,7 @@ def _snapshot(node) -> dict[str, float]:
     gc.collect()
     swarm = node.host.get_network()
     return {"inbound_slots": compat.inbound_slots_in_use(swarm), "connections": len(swarm.get_connections()),
-            "fds": _fds(), "tasks": _trio_tasks(), "rss_mb": round(_rss_mb(), 1),
+            "fds": _fds(), "tasks": _trio_tasks(), "rss_mb": round(rss_mb(), 1),
             "peerstore": len(node.host.get_peerstore().peer_ids())}
 
 

@@ -23,17 +23,9 @@ from kvnet.p2p import compat, dht_limits
 from kvnet.p2p import dht as kdht
 from kvnet.p2p.host import make_host, running
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import make_node
+from tests.p2p.conftest import make_node, rss_mb
 
 MT = Message.MessageType
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def _frame(msg: Message) -> bytes:
@@ -87,7 +79,7 @@ async def _network(tmp_path, mb: int = 2):
 async def _honest_fetch(c, v, p, sm) -> None:
     """V answers GET_PROVIDERS for the manifest with P, and C finds and fetches the whole artifact."""
     with trio.fail_after(30):
-        via_v = await compat.providers_from_peer(c.dht, v.peer_id, sm.id)
+        via_v, _ = await compat.providers_and_closers_from_peer(c.dht, v.peer_id, sm.id)
         assert p.peer_id in [i.peer_id for i in via_v]
         found = await c.find_manifest(sm.id)
         assert found is not None and found.signed.id == sm.id
@@ -236,7 +228,7 @@ async def _get_providers_answer(host, peer, key: bytes) -> tuple[Message, int]:
 @pytest.mark.trio
 async def test_fat_provider_records_cannot_censor_a_manifest(tmp_path):
     async with _network(tmp_path) as (v, p, c, sm):
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         huge = [_addr(i) for i in range(400_000)]  # about 3.8 MiB per message, as in the issue
         assert len(_add_provider(v.host, sm.id, huge)) > 3 << 20
         ends = []
@@ -250,7 +242,7 @@ async def test_fat_provider_records_cannot_censor_a_manifest(tmp_path):
                 for key in [os.urandom(32) for _ in range(20)]:
                     ends.append(await _send(evil, v.peer_id, _add_provider(evil, key, huge[:8])))
         del huge
-        rss1 = _rss_mb()
+        rss1 = rss_mb()
         assert ends[:4] == ["refused", "answered", "refused", "refused"], ends
         assert ends[4:24] == ["answered"] * 20, ends
         store = v.dht.provider_store
@@ -321,7 +313,7 @@ def _put_value(sm) -> bytes:
 @pytest.mark.trio
 async def test_value_floods_keep_memory_bounded(tmp_path):
     async with _network(tmp_path) as (v, p, c, sm):
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         big = _manifest(26_000, 0)  # ~900 KB: re-signed with a new `created` for each of the 150
         assert len(big.raw) > 850_000
         ends = []
@@ -330,7 +322,7 @@ async def test_value_floods_keep_memory_bounded(tmp_path):
                 raw = big if i == 0 else _manifest(26_000, i)
                 ends.append(await _send(evil, v.peer_id, _put_value(raw)))
         assert ends == ["refused"] * 150
-        rss1 = _rss_mb()
+        rss1 = rss_mb()
         values = v.dht.value_store
         assert values.total_bytes < 1 << 20  # only honest manifests
         # valid manifests within the record limit, from 3 identities: each kept to its share
@@ -360,7 +352,7 @@ async def test_value_floods_keep_memory_bounded(tmp_path):
         assert rtts  # every offer round trip during the flood completed
         assert values.total_bytes <= 3 * dht_limits.VALUE_BYTES_PER_PEER + (1 << 20)
         assert values.evicted >= 3 and len(values.store) < 42
-        rss2 = _rss_mb()
+        rss2 = rss_mb()
         # an honest offer round trip (and fetch) still completes through V
         with trio.fail_after(10):
             offers = await c.offers(p.peer_id, sm.id)

@@ -6,7 +6,7 @@ import trio
 
 from kvnet.p2p import wire
 from kvnet.p2p.scores import PeerScores
-from kvnet.p2p.server import PieceServer
+from kvnet.p2p.server import PieceServer, piece_indices
 from kvnet.publish import publish_tokens
 from tests.conftest import random_tokens
 from tests.p2p.conftest import make_node
@@ -26,7 +26,7 @@ class LyingServer(PieceServer):
         req = await wire.read_frame(stream, wire.MAX_REQUEST)
         self.requests += 1
         mid = req["manifest"]
-        for i in self._indices(req["ranges"]):
+        for i in piece_indices(req["ranges"]):
             data = bytearray(await self.runner.call(self.runner.store.read_piece, mid, i))
             if self.mode == "flip":
                 data[len(data) // 2] ^= 0x01
