@@ -498,12 +498,18 @@ def generate(
 def serve(home: Home = DEFAULT_HOME, listen: ListenOpt = None, bootstrap: BootstrapOpt = None,
           capacity_mb: Annotated[int | None, typer.Option(min=1, help="Store capacity in MiB (LRU eviction); "
                                                                      "default unlimited.")] = None,
+          stats_file: Annotated[Path | None, typer.Option(
+              "--stats-file", dir_okay=False, help="Rewrite this JSON file with the node's resource use "
+                                                   "(connections, slots, fds, memory, DHT records).")] = None,
+          stats_interval: Annotated[float, typer.Option(min=0.1, help="Seconds between --stats-file "
+                                                                      "writes.")] = 5.0,
           log_level: LogLevel = Level.warning):
     """Join the network and serve this node's store until interrupted (prints its address)."""
     from kvnet.p2p import commands
 
     node = _open_node(home, listen, bootstrap or [], capacity_bytes=capacity_mb * 2**20 if capacity_mb else None)
-    _run_trio(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"))
+    _run_trio(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"), stats_file,
+              stats_interval)
 
 
 def _manifest_arg(manifest: str) -> bytes:

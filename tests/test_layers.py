@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.artifact", "kvnet.pieces"),
     ("kvnet.store",),
     ("kvnet.publish", "kvnet.reuse", "kvnet.exactness"),
-    ("kvnet.p2p",),
+    ("kvnet.p2p", "kvnet.p2p.stats"),
     ("kvnet.logs", "kvnet.cli"),
 ]
 ROOT = Path(kvnet.__file__).parent

@@ -23,6 +23,7 @@ from kvnet.errors import first_kvnet_error
 from kvnet.manifest import ManifestError
 from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node, validate_bootstrap
+from kvnet.p2p.stats import STATS_INTERVAL_S, stats_loop
 from kvnet.store import Store, StoreError
 
 T = TypeVar("T")
@@ -39,11 +40,17 @@ def open_node(home: Path, listen: list[str] | None, bootstrap: list[str], timeou
                 timeout=timeout)
 
 
-async def serve(node: Node, on_ready: Callable[[Node], None]) -> None:
-    """Run until SIGINT/SIGTERM, serving the store and keeping its announcements fresh."""
+async def serve(node: Node, on_ready: Callable[[Node], None], stats_file: Path | None = None,
+                stats_interval: float = STATS_INTERVAL_S) -> None:
+    """Run until SIGINT/SIGTERM, serving the store and keeping its announcements fresh.
+
+    With `stats_file`, the node's resource use (kvnet.p2p.stats) is rewritten there every
+    `stats_interval` seconds."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if stats_file is not None:
+                nursery.start_soon(stats_loop, node, stats_file, stats_interval)
             on_ready(node)
             async for _ in signals:
                 nursery.cancel_scope.cancel()

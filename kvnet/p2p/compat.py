@@ -198,10 +198,15 @@ def apply() -> None:
 apply()
 
 
-# -- 4. swarm: free inbound slots on close, cap streams per connection, no auto-dialing -----------
+# -- 4. swarm: inbound slots freed on close, per-address limits, idle close, one inbound connection
+#       per peer, streams capped per connection (peers over a cap reported), no auto-dialing ------
+
+import contextlib  # noqa: E402 - this section's own imports
+import inspect  # noqa: E402
 
 import libp2p.network.connection.swarm_connection as _swarm_conn  # noqa: E402 - this section's upstream
 import libp2p.network.swarm as _swarm  # noqa: E402 - this section's own upstream module
+from libp2p.rcmgr import Direction as _rcmgr_direction  # noqa: E402 - SwarmConn.direction's type
 
 _UPSTREAM_DO_HANDLE_INBOUND = _swarm.Swarm._do_handle_inbound_connection
 
@@ -229,7 +234,8 @@ async def wait_connection_closed(swarm: Any, muxed_conn: Any) -> None:
 
 
 async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
-    """Replacement for `Swarm._do_handle_inbound_connection` that returns when its connection closes.
+    """Replacement for `Swarm._do_handle_inbound_connection`: per-address limits before the handshake,
+    one inbound connection per peer, idle connections closed, and a return when the connection closes.
 
     Why: py-libp2p 0.8.1 caps inbound connections with `Swarm._inbound_limiter` (a CapacityLimiter of
     max_connections - min_connections tokens, 300 - 50 = 250 by default). `_handle_inbound_connection`
@@ -239,12 +245,54 @@ async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: 
     (and its handler task) after it closed, and after 250 connections over its lifetime a node
     refused every new one for good. The barrier itself is needed: trio's `serve_listeners` closes the
     socket when the handler returns. So this waits for the connection to close instead
-    (`wait_connection_closed`); everything else is upstream's code, unchanged.
+    (`serve_inbound_connection`). Upstream has no per-address limit, no idle timeout and lets a peer
+    hold extra connections for a 20 s grace period; kvnet adds them here (the gate of `set_inbound_gate`,
+    `serve_inbound_connection`). Otherwise it is upstream's code, unchanged.
 
     Relies on (0.8.1): the body of `_do_handle_inbound_connection` (pinned by the hash of its source in
-    tests/p2p/test_compat_pins_swarm.py), `upgrade_inbound_raw_conn` returning the muxed connection,
-    and the module globals `RawConnection`, `IMuxedConn`, `cast` and `logger` of libp2p.network.swarm.
+    tests/p2p/test_compat_pins_swarm.py), `upgrade_inbound_raw_conn` returning the muxed connection
+    after `add_conn` registered it, the raw stream's `get_remote_address()` -> (host, port), and the
+    module globals `RawConnection`, `IMuxedConn`, `cast` and `logger` of libp2p.network.swarm.
     """
+    gate = getattr(self, "_kvnet_inbound_gate", None)
+    counted: tuple[str, ...] = ()
+    remote = _remote_host(read_write_closer)
+    if gate is not None:
+        admitted = gate.admit(remote)
+        if admitted is None:  # over a per-address limit: closed before any handshake byte
+            _swarm.logger.debug("Inbound connection from %s refused: per-address limit", remote)
+            with contextlib.suppress(Exception):  # best-effort close, as upstream's
+                await read_write_closer.close()
+            return
+        counted = admitted
+    try:
+        await _handle_inbound(self, read_write_closer, maddr, failure_event, remote)
+    finally:
+        if gate is not None:
+            gate.release(counted)
+
+
+def _remote_host(read_write_closer: Any) -> str | None:
+    """The remote IP of an accepted socket, or None (a transport without one is never limited).
+
+    py-libp2p 0.8.1's `TrioTCPStream.get_remote_address` returns None for every IPv6 peer (it accepts
+    only a 2-tuple from getpeername, and IPv6 gives 4), which would exempt all of IPv6 from the
+    limits; so the trio socket under it is asked directly. Relies on (0.8.1): `TrioTCPStream.stream`
+    being the trio SocketStream, whose `.socket` has getpeername().
+    """
+    try:
+        remote = read_write_closer.get_remote_address()
+        if remote:
+            return str(remote[0])
+        return str(read_write_closer.stream.socket.getpeername()[0])
+    except Exception:  # noqa: BLE001 - a transport may not know it, or the socket is gone already
+        return None
+
+
+async def _handle_inbound(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any,
+                          remote: str | None) -> None:
+    """Upstream's `_do_handle_inbound_connection` body, its two barriers replaced by
+    `serve_inbound_connection` (see handle_inbound_until_closed)."""
     remote_maddr = self._build_remote_multiaddr(read_write_closer)
     if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
         _swarm.logger.debug("Inbound connection from %s denied by connection gate", remote_maddr)
@@ -261,7 +309,7 @@ async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: 
         try:
             muxed_conn = _swarm.cast(_swarm.IMuxedConn, read_write_closer)
             await self.add_conn(muxed_conn, direction="inbound")
-            await wait_connection_closed(self, muxed_conn)
+            await serve_inbound_connection(self, muxed_conn, remote)
         except Exception:  # noqa: BLE001 - upstream's handling: close and count the failure
             await read_write_closer.close()
             failure_event.conn_incoming_error = True
@@ -273,7 +321,7 @@ async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: 
     try:
         raw_conn = _swarm.RawConnection(read_write_closer, False)
         muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
-        await wait_connection_closed(self, muxed_conn)
+        await serve_inbound_connection(self, muxed_conn, remote)
     except Exception as e:  # noqa: BLE001 - upstream's handling: close and count the failure
         _swarm.logger.debug("Error handling incoming connection: %s", e)
         try:
@@ -286,6 +334,132 @@ async def handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: 
                     await self.metric_send_channel.send(failure_event)
         except Exception:  # noqa: BLE001 - upstream's best-effort close
             pass
+
+
+def _swarm_conn_of(swarm: Any, muxed_conn: Any) -> Any:
+    """The SwarmConn `add_conn` registered for `muxed_conn` (None if it is already gone)."""
+    for conn in swarm.get_connections(muxed_conn.peer_id):
+        if conn.muxed_conn is muxed_conn:
+            return conn
+    return None
+
+
+def _is_inbound(conn: Any) -> bool:
+    return getattr(conn, "direction", None) == _rcmgr_direction.INBOUND
+
+
+async def close_older_inbound(swarm: Any, conn: Any) -> int:
+    """Close the peer's other *inbound* connections now that `conn` (inbound) is registered; return
+    how many. One connection per peer, at once rather than after py-libp2p's 20 s grace period.
+
+    Why the older ones go: Noise proves the peer id, so only the peer itself can open a second
+    connection, and an honest py-libp2p peer dials a peer it is connected to only when it believes
+    the old connection dead (its dial reuses an open connection and waits for one in flight). A peer
+    that restarted, or whose network changed, reconnects before this node notices the old TCP
+    connection is gone: keeping the old one would lock it out. Connections this node dialled are
+    never touched, so a simultaneous dial (each node dialled the other: one inbound and one
+    outbound connection on each side) is left to py-libp2p, which keeps both until its trim.
+    Relies on (0.8.1): `Swarm.get_connections(peer_id)`, `SwarmConn.direction` (libp2p.rcmgr
+    Direction) and `SwarmConn.close()`.
+    """
+    older = [c for c in swarm.get_connections(conn.muxed_conn.peer_id)
+             if c is not conn and _is_inbound(c) and not c.is_closed]
+    for old in older:
+        swarm._kvnet_replaced_connections = getattr(swarm, "_kvnet_replaced_connections", 0) + 1
+        try:
+            with trio.CancelScope(shield=True) as scope:  # a close cut short leaves it registered
+                scope.deadline = trio.current_time() + LISTENER_CLOSE_TIMEOUT
+                await old.close()
+        except Exception as exc:  # noqa: BLE001 - it may be closing already
+            log.debug("closing a replaced connection failed: %r", exc)
+    return len(older)
+
+
+def set_idle_timeout(swarm: Any, seconds: float) -> None:
+    """Close this swarm's inbound connections after `seconds` with no open stream (see close_when_idle)."""
+    swarm._kvnet_idle_s = seconds
+
+
+IDLE_POLLS = 8
+"""While a connection has streams open, the idle watch looks every idle_s / IDLE_POLLS seconds."""
+
+
+def _busy(conn: Any) -> bool:
+    """Whether a connection has a stream open: one in a handler here, or one this node opened."""
+    return bool(getattr(conn, "_kvnet_inbound_streams", 0)) or bool(conn.streams)
+
+
+async def close_when_idle(conn: Any, idle_s: float) -> None:
+    """Close the inbound connection `conn` once it has had no open stream for `idle_s` seconds.
+
+    Why: py-libp2p 0.8.1 never closes an idle connection, so 250 strangers that each passed one Noise
+    handshake held every inbound slot for good. Inbound streams stamp their start and end
+    (`handle_stream_capped`), so their idle time is exact; streams this node opened on the connection
+    are seen by looking (`SwarmConn.streams`) every idle_s / IDLE_POLLS while any is open. A closed
+    connection frees its inbound slot and address counts; the peer simply dials again when it needs
+    to. Relies on (0.8.1): `SwarmConn.streams` (the NetStreams open on it, both directions),
+    `.is_closed` and `.close()`.
+    """
+    last_busy = trio.current_time()
+    while not conn.is_closed:
+        now = trio.current_time()
+        if _busy(conn):
+            last_busy = now
+            await trio.sleep(idle_s / IDLE_POLLS)
+            continue
+        idle_since = max(last_busy, getattr(conn, "_kvnet_last_stream_at", last_busy))
+        if now - idle_since >= idle_s:
+            conn.swarm._kvnet_idle_closed = getattr(conn.swarm, "_kvnet_idle_closed", 0) + 1
+            # Shielded: closing the muxer ends the handler's wait, which cancels this watch; a close
+            # cut short there would leave the closed connection registered in the swarm for good.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + LISTENER_CLOSE_TIMEOUT
+                await conn.close()
+            return
+        await trio.sleep(idle_since + idle_s - now)
+
+
+async def serve_inbound_connection(swarm: Any, muxed_conn: Any, remote: str | None = None) -> None:
+    """Hold an inbound connection's handler until the connection closes (freeing its inbound slot):
+    first close the peer's older inbound connections (`close_older_inbound`), then watch it for
+    idleness (`close_when_idle`, when the swarm has an idle timeout). The remote IP is kept on the
+    SwarmConn (`_kvnet_remote_host`) for the DHT guard's per-address slots."""
+    conn = _swarm_conn_of(swarm, muxed_conn)
+    idle_s = getattr(swarm, "_kvnet_idle_s", None)
+    if conn is None:
+        await wait_connection_closed(swarm, muxed_conn)
+        return
+    conn._kvnet_remote_host = remote
+    await close_older_inbound(swarm, conn)
+    async with trio.open_nursery() as nursery:
+        if idle_s is not None:
+            nursery.start_soon(close_when_idle, conn, idle_s)
+        await wait_connection_closed(swarm, muxed_conn)
+        nursery.cancel_scope.cancel()
+
+
+def set_inbound_gate(swarm: Any, gate: Any) -> None:
+    """Admit this swarm's inbound sockets through `gate` (kvnet.p2p.host.InboundGate): `admit(host)`
+    returns the keys counted, or None to refuse; `release(keys)` when the connection has closed."""
+    swarm._kvnet_inbound_gate = gate
+
+
+def set_over_limit_hook(swarm: Any, hook: Any) -> None:
+    """Tell `hook(peer, cap)` (sync or async) about each stream this swarm resets at a per-peer cap."""
+    swarm._kvnet_on_over_limit = hook
+
+
+async def report_over_limit(swarm: Any, peer: str, cap: str) -> None:
+    """Call the swarm's over-limit hook, if any; never raises (scoring must not break the refusal)."""
+    hook = getattr(swarm, "_kvnet_on_over_limit", None)
+    if hook is None:
+        return
+    try:
+        result = hook(peer, cap)
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:  # noqa: BLE001 - logged; the refusal itself already happened
+        log.debug("over-limit hook for %s (%s) failed: %r", peer, cap, exc)
 
 
 def inbound_slots_in_use(swarm: Any) -> int:
@@ -318,7 +492,9 @@ async def handle_stream_capped(self: Any, muxed_stream: Any) -> None:
     Why: py-libp2p 0.8.1 has no per-connection (or per-peer) stream limit: its resource manager
     counts streams for the whole host (10,000 by default), so one peer could take them all, and each
     stream it opens is a task running a protocol handler. Streams over the cap are reset before any
-    handler or protocol negotiation runs, and counted in `SwarmConn._kvnet_refused_streams`.
+    handler or protocol negotiation runs, counted in `SwarmConn._kvnet_refused_streams`, and reported
+    to the swarm's over-limit hook (the node scores the peer down, rate-limited). Admitted streams
+    stamp `_kvnet_last_stream_at` when they start and end, for `close_when_idle`.
 
     Relies on (0.8.1): `SwarmConn._handle_new_streams` starting one `_handle_muxed_stream(stream)`
     task per accepted stream that runs the protocol handler to its end, and `.swarm` on SwarmConn.
@@ -331,12 +507,15 @@ async def handle_stream_capped(self: Any, muxed_stream: Any) -> None:
             await muxed_stream.reset()
         except Exception as exc:  # noqa: BLE001 - the connection may be going down
             log.debug("resetting a stream over the cap failed: %r", exc)
+        await report_over_limit(self.swarm, str(self.muxed_conn.peer_id), "streams_per_connection")
         return
     self._kvnet_inbound_streams = active + 1
+    self._kvnet_last_stream_at = trio.current_time()
     try:
         await _UPSTREAM_HANDLE_MUXED_STREAM(self, muxed_stream)
     finally:
         self._kvnet_inbound_streams -= 1
+        self._kvnet_last_stream_at = trio.current_time()
 
 
 async def _auto_connector_stays_stopped() -> None:
@@ -403,10 +582,17 @@ class DhtGuard:
         self.total = trio.CapacityLimiter(limits.DHT_HANDLERS_MAX)
         self.per_peer: dict[str, trio.CapacityLimiter] = {}
         self.waiting: dict[str, int] = {}
+        # per address (the host's InboundGate says what one address is, and what is exempt)
+        self.gate = getattr(dht.host.get_network(), "_kvnet_inbound_gate", None)
+        gate_limits = getattr(self.gate, "limits", None)
+        self.per_ip_max = getattr(gate_limits, "dht_per_ip", limits.DHT_STREAMS_PER_IP)
+        self.per_ip: dict[str, trio.CapacityLimiter] = {}
+        self.ip_streams: dict[str, int] = {}  # streams of an address in the guard (waiting or served)
         self.validations = trio.CapacityLimiter(limits.VALUE_VALIDATIONS_AT_ONCE)
         self.refused = 0  # streams reset by a rule or a deadline
         self.timed_out = 0  # of which by a deadline
         self.queued = 0  # streams that found their peer's slots all taken and waited
+        self.over_peer_cap = 0  # streams reset because their peer already had DHT_QUEUED_PER_PEER waiting
 
     async def _reset(self, stream: Any) -> None:
         self.refused += 1
@@ -418,28 +604,67 @@ class DhtGuard:
             except Exception as exc:  # noqa: BLE001 - the connection may be gone already
                 log.debug("DHT stream reset failed: %r", exc)
 
+    def _address(self, stream: Any) -> str | None:
+        """The per-IP key of the stream's remote address; None when exempt or unknown. An inbound
+        connection carries the address its socket was admitted with (IPv6 included, see
+        `_remote_host`); for one this node dialled, the stream's own address is asked."""
+        if self.gate is None:
+            return None
+        host = getattr(getattr(stream, "swarm_conn", None), "_kvnet_remote_host", None)
+        if host is None:
+            try:
+                remote = stream.get_remote_address()
+            except Exception:  # noqa: BLE001 - a transport may not know it
+                remote = None
+            host = str(remote[0]) if remote else None
+        return self.gate.address_key(host)
+
+    def _limiters(self, peer: str, ip: str | None) -> list[trio.CapacityLimiter]:
+        """The slots a stream must hold, in the order taken: its peer's, its address's, the total."""
+        slot = self.per_peer.setdefault(peer, trio.CapacityLimiter(self.limits.DHT_STREAMS_PER_PEER))
+        if ip is None:
+            return [slot, self.total]
+        self.ip_streams[ip] = self.ip_streams.get(ip, 0) + 1
+        return [slot, self.per_ip.setdefault(ip, trio.CapacityLimiter(self.per_ip_max)), self.total]
+
+    def _forget(self, peer: str, ip: str | None) -> None:
+        """Drop the per-peer and per-address entries nobody holds or waits for (the tables stay
+        bounded by the streams in the guard, however many identities and addresses come and go)."""
+        slot = self.per_peer.get(peer)
+        if self.waiting.get(peer) == 0 and slot is not None and slot.borrowed_tokens == 0:
+            self.waiting.pop(peer, None)
+            self.per_peer.pop(peer, None)
+        if ip is not None:
+            self.ip_streams[ip] -= 1
+            if self.ip_streams[ip] == 0:
+                del self.ip_streams[ip]
+                self.per_ip.pop(ip, None)
+
     async def handle(self, stream: Any) -> None:
         """The DHT protocol handler: admit, read one request within the deadline, check it, let
         py-libp2p answer it, and reset the stream on any rule broken or deadline missed."""
         limits = self.limits
         peer = str(stream.muxed_conn.peer_id)
         if self.waiting.get(peer, 0) >= limits.DHT_QUEUED_PER_PEER:
+            self.over_peer_cap += 1
             await self._reset(stream)
+            await report_over_limit(self.dht.host.get_network(), peer, "dht_queued_per_peer")
             return
-        slot = self.per_peer.setdefault(peer, trio.CapacityLimiter(limits.DHT_STREAMS_PER_PEER))
+        ip = self._address(stream)
+        limiters = self._limiters(peer, ip)
         self.waiting[peer] = self.waiting.get(peer, 0) + 1
         start = trio.current_time()
         held: list[trio.CapacityLimiter] = []
         served = False
-        if slot.available_tokens == 0:
+        if limiters[0].available_tokens == 0:
             self.queued += 1
         try:
             with trio.move_on_at(start + limits.DHT_REQUEST_TIMEOUT_S):
-                for limiter in (slot, self.total):
+                for limiter in limiters:
                     await limiter.acquire()
                     held.append(limiter)
             self.waiting[peer] -= 1
-            if len(held) == 2:
+            if len(held) == len(limiters):
                 try:
                     served = await self._serve(stream, peer, start)
                 except Exception as exc:  # noqa: BLE001 - an escaping error would leave the stream open
@@ -449,9 +674,7 @@ class DhtGuard:
         finally:
             for limiter in reversed(held):
                 limiter.release()
-            if self.waiting.get(peer) == 0 and slot.borrowed_tokens == 0:
-                self.waiting.pop(peer, None)
-                self.per_peer.pop(peer, None)
+            self._forget(peer, ip)
         if not served:
             self.timed_out += 1
             await self._reset(stream)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -191,6 +191,9 @@ LOOKUP_SEED_PEERS = 40  # routing-table peers closest to the key added to the wa
 # GET_PROVIDERS queries in flight at once. More than Kademlia's ALPHA: under a Sybil attack most
 # answers are lies or stalls, and each query to a peer not yet connected costs a dial.
 LOOKUP_PARALLEL = 10
+LOOKUP_SATISFIED_GRACE_S = 1.0
+"""Once the walk is satisfied (a verified offer), how long it may still wait for ALPHA answers and
+offers in progress before it ends anyway: Sybils that answer slowly must not hold a found lookup."""
 
 OnProviders = Callable[[list], Awaitable[bool]]
 
@@ -201,12 +204,15 @@ class LookupStats:
     answered: int = 0  # of which answered with something (an empty answer is indistinguishable from a failure)
     providers: int = 0  # distinct providers seen
     done: bool = False  # stopped because `on_providers` was satisfied (not exhausted / out of time)
+    asked: list = field(default_factory=list)  # peer ids in the order they were asked (at most max_queries)
 
 
 async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *, exclude: object = None,
-                           avoided: Callable[[object], bool] | None = None, timeout: float = 10.0,
+                           avoided: Callable[[object], bool] | None = None,
+                           preferred: Callable[[object], bool] | None = None, timeout: float = 10.0,
                            max_queries: int = LOOKUP_MAX_QUERIES, deadline_s: float = LOOKUP_TIMEOUT_S,
-                           alpha: int = ALPHA, parallel: int = LOOKUP_PARALLEL) -> LookupStats:
+                           alpha: int = ALPHA, parallel: int = LOOKUP_PARALLEL,
+                           satisfied_grace_s: float = LOOKUP_SATISFIED_GRACE_S) -> LookupStats:
     """Walk the peers closest to `key`, asking each for providers, until `on_providers` is satisfied.
 
     Why not py-libp2p's lookup: Sybil peers that are (or claim to be) closest to a key answer first,
@@ -216,31 +222,34 @@ async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *
     - candidates are the routing table's `LOOKUP_SEED_PEERS` closest, the network's closest peers
       (an iterative FIND_NODE, run alongside, joining when it answers), and every closer peer an
       answer names; none is asked twice;
-    - `parallel` queries are kept in flight, closest first, except that peers `avoided` (by
-      persistent score) go after all others;
+    - `parallel` queries are kept in flight, closest first, except that peers `preferred` (the
+      node's bootstrap peers and peers with a good score: a Sybil cannot grind its way into that set)
+      go before all others, and peers `avoided` (by persistent score) after all others;
     - every batch of providers not seen before goes to `on_providers` (which asks them for offers and
-      verifies those); the walk stops once it returns True, after at least `alpha` answers, or when
-      no candidate is left, `max_queries` were sent, or `deadline_s` passed.
+      verifies those); the walk stops once it returns True, after at least `alpha` answers or
+      `satisfied_grace_s` later (whichever comes first), or when no candidate is left, `max_queries`
+      were sent, or `deadline_s` passed.
     Local provider records are handed over first.
     """
     me = dht.host.get_id()
     stats = LookupStats()
     seen: set = {me, exclude}
     asked: set = {me, exclude}
-    candidates: dict = {}  # peer id -> (avoided, XOR distance to the key)
+    candidates: dict = {}  # peer id -> (avoided, not preferred, XOR distance to the key): lowest first
     target = hashlib.sha256(key).digest()
     wake = trio.Event()
     in_flight = 0
     handing = 0  # workers inside `on_providers`
     seeding = True  # the network's closest peers may still be added
     satisfied = False
+    found = trio.Event()  # set once satisfied
 
     def add(peers: list) -> None:
         nonlocal wake
         for p in peers:
             if p not in asked and p not in candidates:
                 dist = int.from_bytes(hashlib.sha256(p.to_bytes()).digest(), "big") ^ int.from_bytes(target, "big")
-                candidates[p] = (bool(avoided and avoided(p)), dist)
+                candidates[p] = (bool(avoided and avoided(p)), not (preferred and preferred(p)), dist)
         wake.set()
         wake = trio.Event()
 
@@ -254,6 +263,7 @@ async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *
         stats.providers += len(new)
         if new and await on_providers(new):
             satisfied = True
+            found.set()
 
     async def seed_from_network() -> None:
         nonlocal seeding
@@ -265,6 +275,12 @@ async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *
         finally:
             seeding = False
             add([])
+
+    async def end_after_grace(cancel: trio.CancelScope) -> None:
+        await found.wait()
+        await trio.sleep(satisfied_grace_s)
+        stats.done = True
+        cancel.cancel()
 
     async def worker(cancel: trio.CancelScope) -> None:
         nonlocal in_flight, handing
@@ -287,6 +303,7 @@ async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *
             peer = min(candidates, key=candidates.__getitem__)
             del candidates[peer]
             asked.add(peer)
+            stats.asked.append(peer)
             stats.queries += 1
             in_flight += 1
             providers: list = []
@@ -311,10 +328,13 @@ async def lookup_providers(dht: KadDHT, key: bytes, on_providers: OnProviders, *
     with trio.move_on_after(deadline_s):
         await hand_over(list(dht.provider_store.get_providers(key)))
         add(dht.routing_table.find_local_closest_peers(key, LOOKUP_SEED_PEERS))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(seed_from_network)  # joins the walk when it answers, never holds it up
-            for _ in range(parallel):
-                nursery.start_soon(worker, nursery.cancel_scope)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(end_after_grace, outer.cancel_scope)
+            async with trio.open_nursery() as walk:
+                walk.start_soon(seed_from_network)  # joins the walk when it answers, never holds it up
+                for _ in range(parallel):
+                    walk.start_soon(worker, outer.cancel_scope)
+            outer.cancel_scope.cancel()  # the walk ended on its own: stop waiting for the grace
     stats.done = stats.done or satisfied
     return stats
 

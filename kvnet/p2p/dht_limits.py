@@ -46,6 +46,12 @@ one peer (8 provider records in flight, or 4 parallel prefix probes); more wait 
 DHT_QUEUED_PER_PEER = 32
 """DHT streams of one peer waiting for a slot (within DHT_REQUEST_TIMEOUT_S); more are reset."""
 
+DHT_STREAMS_PER_IP = 32
+"""DHT requests handled at once from one IP address (IPv6: one /64), all its peer ids together: a
+quarter of DHT_HANDLERS_MAX, so one address with many free identities cannot take every slot; more
+wait for a slot within DHT_REQUEST_TIMEOUT_S. Loopback is exempt by default (the host's
+ConnectionLimits.exempt, which also sets this value as ConnectionLimits.dht_per_ip)."""
+
 DHT_REQUEST_MAX_BYTES = 16 * 1024
 """Largest FIND_NODE, GET_PROVIDERS, ADD_PROVIDER or GET_VALUE request (an honest one is under
 2 KiB: a key, a signed peer record, one provider with its addresses)."""

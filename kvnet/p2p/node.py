@@ -35,6 +35,7 @@ from kvnet.p2p.fetcher import FetchResult, Provider, fetch_pieces
 from kvnet.p2p.host import (
     DEFAULT_LISTEN,
     REFUSED_HINT,
+    ConnectionLimits,
     closed_before_handshake,
     make_host,
     peer_info,
@@ -62,6 +63,8 @@ GROWTH_MIN_INTERVAL_S = 60.0
 WATCH_S = 2.0
 MAX_OFFERS_READ = 8
 OFFER_CONCURRENCY = 8  # offer requests one provider lookup has in flight at once
+OFFER_TIMEOUT_S = 5.0  # an offer is one small round trip (dial included): a peer slower than this is skipped
+OFFER_GRACE_S = 1.0  # how long other offers may still arrive once one verified
 # libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
 # kvnet logs what matters about peers itself, on its own loggers.
 LIBP2P_LOG_LEVEL = logging.CRITICAL
@@ -153,7 +156,7 @@ class Node:
                  terms: HostingTerms | None = None, republish_s: float = 3600.0, refresh_s: float = 60.0,
                  timeout: float = 10.0, watch_s: float = WATCH_S, growth_check_s: float = GROWTH_CHECK_S,
                  growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S,
-                 serve_limits: ServeLimits | None = None) -> None:
+                 serve_limits: ServeLimits | None = None, conn_limits: ConnectionLimits | None = None) -> None:
         self.key = key
         self.store = store
         self.runner = StoreRunner(store)
@@ -161,11 +164,13 @@ class Node:
         self.bootstrap = bootstrap or []
         self.scores = PeerScores(scores_path)
         self.server = PieceServer(self.runner, terms, request_timeout=timeout, limits=serve_limits,
-                                  on_abuse=lambda peer, code: self.scores.bad(peer, "abuse"))
+                                  on_abuse=lambda peer, code: self.scores.bad_at_most_every(
+                                      peer, "abuse", self.server.limits.window_s))
         self.republish_s, self.refresh_s, self.timeout = republish_s, refresh_s, timeout
         self.watch_s, self.growth_check_s = watch_s, growth_check_s
         self.growth = GrowthPolicy(growth_min_interval_s)
-        self.host = make_host(key)
+        # a peer whose stream is reset at a connection or DHT cap is scored down (at most once a minute)
+        self.host = make_host(key, limits=conn_limits, on_over_limit=lambda peer, cap: self.scores.over_limit(peer))
         quiet_logs(LIBP2P_LOG_LEVEL)
         self.dht = kdht.make_dht(self.host)
         self.peer_id: ID = self.host.get_id()
@@ -178,6 +183,7 @@ class Node:
         self._announce_lock = trio.Lock()
         self._provided: dict[bytes, set[bytes]] = {}  # manifest id -> keys announced for it
         self._seen: dict[bytes, int] = {}  # manifest id -> pieces present when last announced
+        self._bootstrap_ids: set[ID] = set()  # asked first by lookups (Node._preferred)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -194,7 +200,10 @@ class Node:
             self.host.set_stream_handler(OFFER_PROTOCOL, self.server.handle_offer)
             self.host.set_stream_handler(PIECES_PROTOCOL, self.server.handle_pieces)
             async with background_trio_service(self.dht), trio.open_nursery() as nursery:
-                await self._join()
+                # A fetch-only node looks up at once: its lookup walks on from the bootstrap peers'
+                # answers, so filling the routing table waits in the background (with Sybils
+                # answering the refresh it can take the whole timeout, 10 s, before any lookup).
+                await self._join(refresh_in=None if announce else nursery)
                 if announce:
                     await self.announce_all()
                 self._background = nursery
@@ -210,13 +219,16 @@ class Node:
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
 
-    async def _join(self) -> None:
-        """Dial every bootstrap peer at once; remember which answered and why the others did not."""
+    async def _join(self, refresh_in: trio.Nursery | None = None) -> None:
+        """Dial every bootstrap peer at once; remember which answered and why the others did not.
+
+        The routing table is then refreshed: before returning, or in `refresh_in` if given.
+        """
         self.bootstrap_reached, self.bootstrap_failed = [], {}
 
         async def one(addr: str) -> None:
             try:
-                await self.connect(addr)
+                await self.connect(addr, refresh=False)
                 self.bootstrap_reached.append(addr)
             except Exception as exc:  # noqa: BLE001 - a dead bootstrap peer is reported, not fatal
                 self.bootstrap_failed[addr] = (f"{REFUSED_HINT} ({_cause(exc)})" if closed_before_handshake(exc)
@@ -226,16 +238,33 @@ class Node:
         async with trio.open_nursery() as nursery:
             for addr in self.bootstrap:
                 nursery.start_soon(one, addr)
+        if not self.bootstrap_reached:
+            return
+        if refresh_in is None:
+            await self._refresh_once()
+        else:
+            refresh_in.start_soon(self._refresh_once)
 
-    async def connect(self, addr: str) -> None:
-        """Dial a peer and add it to the routing table (connecting alone does not fill it)."""
+    async def connect(self, addr: str, *, refresh: bool = True) -> None:
+        """Dial a peer and add it to the routing table (connecting alone does not fill it), then
+        refresh the table through it unless `refresh` is False."""
         info = peer_info(addr)
+        if addr in self.bootstrap:
+            self._bootstrap_ids.add(info.peer_id)
         with trio.fail_after(self.timeout):
             await self.host.connect(info)
         self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
         await self.dht.add_peer(info.peer_id)
+        if refresh:
+            await self._refresh_once()
+
+    async def _refresh_once(self) -> None:
+        """One routing-table refresh, bounded by the node's timeout; a failure waits for the next round."""
         with trio.move_on_after(self.timeout):
-            await self.dht.refresh_routing_table()
+            try:
+                await self.dht.refresh_routing_table()
+            except Exception as exc:  # noqa: BLE001 - a failed refresh is retried by the refresh loop
+                log.debug("routing refresh failed: %s", _cause(exc))
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -371,13 +400,14 @@ class Node:
         """Ask `peer` what it holds for a chain key or manifest id. Lies are scored down."""
         who = peer.to_base58()
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(min(self.timeout, OFFER_TIMEOUT_S)):
                 stream = await self.host.new_stream(peer, [OFFER_PROTOCOL])
                 try:
                     await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "key": key, "receipt": None})
                     resp = await wire.read_frame(stream, wire.MAX_RESPONSE)
                 finally:
-                    await stream.close()
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):  # also when the ask is dropped
+                        await stream.close()
             out = []
             for o in wire.field(resp, "offers", list)[:MAX_OFFERS_READ]:
                 if not isinstance(o, dict):
@@ -421,6 +451,12 @@ class Node:
         return Found(chosen[0].signed, chosen[0].signed.manifest.n_tokens,
                      [Provider(o.peer, set(o.have)) for o in chosen], 1, chosen)
 
+    def _preferred(self, peer: ID) -> bool:
+        """Peers a lookup asks first, before the closest: the operator's bootstrap peers and peers
+        that served verified pieces before (score above 0). Identities ground close to a key are free;
+        a place in this set is not."""
+        return peer in self._bootstrap_ids or self.scores.get(peer.to_base58()) > 0
+
     async def _verified_offers(self, key: bytes, accept: Callable[[Offer], bool]
                                ) -> tuple[list[Offer], kdht.LookupStats]:
         """The offers for `key` that `accept` verifies, from a provider lookup that goes on until one
@@ -434,7 +470,10 @@ class Node:
         good: list[Offer] = []
         limiter = trio.CapacityLimiter(OFFER_CONCURRENCY)
 
-        async def ask(info) -> None:
+        def satisfied() -> bool:
+            return any(not self.scores.avoided(o.peer) for o in good)
+
+        async def ask(info, first_good: trio.Event) -> None:
             async with limiter:
                 got = await self.offers(info.peer_id, key)
             ok = [o for o in got if accept(o)]
@@ -443,19 +482,33 @@ class Node:
                 log.warning("provider %s offered %d manifest(s) that do not hold key %s (score now %.1f)",
                             info.peer_id.to_base58(), len(got) - len(ok), key.hex()[:16], score)
             good.extend(ok)
+            if satisfied():
+                first_good.set()
 
         async def on_providers(infos: list) -> bool:
             for info in infos:
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
-            async with trio.open_nursery() as nursery:
-                for info in sorted(infos, key=lambda i: -self.scores.get(i.peer_id.to_base58())):
-                    nursery.start_soon(ask, info)
-            return any(not self.scores.avoided(o.peer) for o in good)
+            first_good = trio.Event()
+            async with trio.open_nursery() as outer:
+                # Once one offer verifies, the others get OFFER_GRACE_S more (more providers make a
+                # faster fetch), then the rest are dropped: a liar that never answers its offer must
+                # not hold the lookup for the whole timeout.
+                async def grace() -> None:
+                    await first_good.wait()
+                    await trio.sleep(OFFER_GRACE_S)
+                    outer.cancel_scope.cancel()
+
+                outer.start_soon(grace)
+                async with trio.open_nursery() as asks:
+                    for info in sorted(infos, key=lambda i: -self.scores.get(i.peer_id.to_base58())):
+                        asks.start_soon(ask, info, first_good)
+                outer.cancel_scope.cancel()
+            return satisfied()
 
         t0 = trio.current_time()
         stats = await kdht.lookup_providers(self.dht, key, on_providers, exclude=self.peer_id,
                                             avoided=lambda pid: self.scores.avoided(pid.to_base58()),
-                                            timeout=self.timeout)
+                                            preferred=self._preferred, timeout=self.timeout)
         log.debug("lookup of %s: %d queries, %d answered, %d providers, %d verified offers, %.2f s",
                   key.hex()[:16], stats.queries, stats.answered, stats.providers, len(good),
                   trio.current_time() - t0)

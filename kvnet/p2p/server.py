@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -96,15 +96,15 @@ class _PeerUse:
     tokens: float
     stamp: float
     streams: int = 0
-    penalized_at: float = field(default=-1e18)
 
 
 class PieceServer:
     def __init__(self, runner: StoreRunner, terms: HostingTerms | None = None,
                  request_timeout: float = REQUEST_TIMEOUT, limits: ServeLimits | None = None,
                  on_abuse: Callable[[str, str], Any] | None = None) -> None:
-        """`on_abuse(peer, code)` is called (at most once per peer per limit window) when a peer is
-        refused for going over a limit; a node scores that peer down with it."""
+        """`on_abuse(peer, code)` is called on every refusal of a peer for going over a limit; a node
+        scores that peer down with it, at most once per limit window
+        (kvnet.p2p.scores.PeerScores.bad_at_most_every), so refusals in bulk cost no disk writes."""
         self.runner = runner
         self.terms = terms or HostingTerms()
         self.request_timeout = request_timeout
@@ -139,9 +139,7 @@ class PieceServer:
 
     def _refuse(self, peer: str, use: _PeerUse, code: str, msg: str) -> wire.WireError:
         self.refused[code] = self.refused.get(code, 0) + 1
-        now = trio.current_time()
-        if self.on_abuse is not None and now - use.penalized_at >= self.limits.window_s:
-            use.penalized_at = now
+        if self.on_abuse is not None:
             try:
                 self.on_abuse(peer, code)
             except Exception as exc:  # noqa: BLE001 - scoring must never break serving

@@ -25,7 +25,7 @@ from kvnet.manifest import parse
 from kvnet.p2p import dht as kdht
 from kvnet.p2p import wire
 from kvnet.p2p.host import DEFAULT_LISTEN, make_host, peer_id_of, peer_info, running
-from kvnet.p2p.node import OFFER_CONCURRENCY, Node
+from kvnet.p2p.node import OFFER_CONCURRENCY, OFFER_GRACE_S, OFFER_TIMEOUT_S, Node
 from kvnet.p2p.server import OFFER_PROTOCOL, PIECES_PROTOCOL
 from kvnet.publish import publish_tokens
 from kvnet.store import Store
@@ -48,6 +48,13 @@ def test_lookup_limits_are_the_documented_ones():
     assert f"| time per key lookup (offers included) | {kdht.LOOKUP_TIMEOUT_S:g} s |" in discovery
     assert f"| routing-table peers seeding a key lookup | {kdht.LOOKUP_SEED_PEERS} closest" in discovery
     assert f"| offer requests in flight per key lookup | {OFFER_CONCURRENCY} |" in discovery
+    assert f"| time per offer request (dial included) | {OFFER_TIMEOUT_S:g} s" in discovery
+    assert f"| other offers of a batch, once one verified | {OFFER_GRACE_S:g} s more |" in discovery
+    assert f"then {kdht.ALPHA} answers or {kdht.LOOKUP_SATISFIED_GRACE_S:g} s, whichever" in discovery
+    for text, value in [("time a satisfied walk waits for those answers", kdht.LOOKUP_SATISFIED_GRACE_S),
+                        ("time the other offers of a batch get once one verified", OFFER_GRACE_S),
+                        ("each offer (dial included)", OFFER_TIMEOUT_S)]:
+        assert f"| {text} | {value:g} s" in security
 
 
 def _distance(key: bytes, priv: Ed25519PrivateKey) -> int:
@@ -181,10 +188,13 @@ async def test_sybil_liars_closest_to_the_key_do_not_eclipse_the_provider(tmp_pa
         # liars that offered garbage or a manifest without the key are scored down (those that
         # offered nothing are merely skipped: an honest node may have evicted what it announced)
         assert any(s < 0 for s in lied)
-        # and a second lookup still finds the provider, asking the liars now avoided or scored last
+        # and a second lookup still finds the provider, asking the liars now avoided or scored last;
+        # preferred peers (the bootstrap peer the operator chose; the provider, which served good
+        # pieces) are asked before the Sybils, which are all closer to the key
         with trio.fail_after(45):
-            again = await client.find_manifest(sm.id)
-        assert [p.peer for p in again.providers] == [provider.peer_id.to_base58()]
+            again, stats = await client._verified_offers(sm.id, lambda o: o.signed.id == sm.id)
+        assert [o.peer for o in again] == [provider.peer_id.to_base58()]
+        assert stats.asked and stats.asked[0] not in liar_ids and client._preferred(stats.asked[0])
         n.cancel_scope.cancel()
 
 

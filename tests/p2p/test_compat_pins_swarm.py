@@ -123,3 +123,61 @@ async def test_a_kvnet_host_frees_inbound_slots_caps_streams_and_never_auto_dial
             for s in streams:
                 with trio.fail_after(10):
                     assert await s.read(2) == b"ok"
+
+
+# -- per-address limits, idle close, one inbound connection per peer (compat section 4) -------------
+
+
+def test_inbound_connections_are_registered_inbound_and_know_their_remote_address():
+    """The gate reads the accepted socket's remote (host, port); close_older_inbound tells inbound
+    connections by `SwarmConn.direction`, which `upgrade_inbound_raw_conn` sets through add_conn."""
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.rcmgr import Direction
+
+    src = inspect.getsource(TrioTCPStream.get_remote_address)
+    # IPv6 getpeername() gives a 4-tuple, which upstream rejects (None): compat._remote_host then asks
+    # the socket itself, at `TrioTCPStream.stream.socket`
+    assert "len(remote_addr) != 2" in src and "socket = self.stream.socket" in src
+    assert 'await self.add_conn(muxed_conn, direction="inbound")' in inspect.getsource(
+        swarm_module.Swarm.upgrade_inbound_raw_conn)
+    assert Direction.from_string("inbound") == Direction.INBOUND
+    assert "Direction.from_string(str(direction))" in inspect.getsource(swarm_connection.SwarmConn.__init__)
+
+
+def test_streams_of_a_connection_are_tracked_until_they_end():
+    """close_when_idle looks at `SwarmConn.streams`: inbound ones leave it when their handler ends,
+    outbound ones when closed or reset (NetStream.remove)."""
+    from libp2p.network.stream.net_stream import NetStream
+
+    assert "self.streams.add(net_stream)" in inspect.getsource(swarm_connection.SwarmConn._add_stream)
+    assert "self.remove_stream(net_stream)" in inspect.getsource(compat._UPSTREAM_HANDLE_MUXED_STREAM)
+    assert "self.swarm_conn.remove_stream(self)" in inspect.getsource(NetStream.remove)
+    for fn in (NetStream.close, NetStream.reset):
+        assert "await self.remove()" in inspect.getsource(fn), fn.__name__
+
+
+def test_a_swarm_conn_close_unregisters_only_at_its_end():
+    """Why compat shields the closes it starts: `SwarmConn.close` sets `event_closed` and closes the
+    muxer (which ends the inbound handler's wait) before `_cleanup` removes it from the swarm, so a
+    close cancelled in between leaves a closed connection registered."""
+    src = inspect.getsource(swarm_connection.SwarmConn.close)
+    assert src.index("self.event_closed.set()") < src.index("await self.muxed_conn.close()") < src.index(
+        "await self._cleanup()")
+    assert "self.swarm.remove_conn(self)" in inspect.getsource(swarm_connection.SwarmConn._cleanup)
+
+
+def test_upstream_trims_extra_connections_only_after_a_grace_period():
+    """What close_older_inbound replaces for inbound duplicates: upstream's trim skips connections
+    younger than `grace_period` (20 s), so without it a peer could hold many connections for 20 s."""
+    from libp2p.network.config import ConnectionConfig
+
+    assert "(now - created_at) < grace_period" in inspect.getsource(swarm_module.Swarm._trim_connections)
+    assert ConnectionConfig().grace_period == 20.0
+
+
+def test_a_yamux_receive_window_grows_to_16_mib():
+    """tests/p2p/test_attack_connections.py's slow reader needs an artifact larger than this, so the
+    server's handler (and so the connection's open stream) waits on the reader."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    assert yamux.MAX_WINDOW_SIZE == 16 * 1024 * 1024
