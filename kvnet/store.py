@@ -554,13 +554,16 @@ class Store:
         Safe while other processes use the store. Runs on every writable open."""
         report = {"tmp_removed": self._remove_dead_tmp(), "manifests_adopted": self._adopt_manifests(),
                   "pieces_migrated": self._migrate_legacy(), "files_removed": 0, "pieces_dropped": 0}
+        # Files first, then the index: a data file is only created once its manifest is indexed, so a
+        # file listed before the index was read and missing from it is a leftover, never a new write.
+        on_disk = self.files.ids()
         known = set(self.index.manifest_ids())
-        for mid in self.files.ids():
+        for mid in on_disk:
             if mid not in known:  # removed from the index, but the process died before unlinking
                 self.files.remove(mid)
                 report["files_removed"] += 1
-        for mid in known:
-            if self.index.present(mid):
+        for mid, end in self.index.present_ends().items():
+            if (self.files.size(mid) or 0) < end:  # cut short or removed behind the store's back
                 try:
                     report["pieces_dropped"] += self._drop_beyond_end(mid)
                 except (StoreError, ManifestError):

@@ -240,6 +240,14 @@ class StoreIndex:
                               (mid,)).fetchone()
         return row[0], row[1]
 
+    def present_ends(self) -> dict[bytes, int]:
+        """For each manifest with present pieces, the byte offset its data file must reach to hold
+        them all (piece i lies at i x piece_size; every piece but the last is piece_size long, so
+        piece 0's size is the piece size). No manifest needs to be parsed for this."""
+        return dict(self.db.execute(
+            "SELECT p.manifest_id, MAX(p.idx * first.size + p.size) FROM present p JOIN manifest_pieces first "
+            "ON first.manifest_id = p.manifest_id AND first.idx = 0 GROUP BY p.manifest_id").fetchall())
+
     def has_hash(self, h: bytes) -> bool:
         return self.db.execute(
             "SELECT 1 FROM manifest_pieces mp JOIN present p ON p.manifest_id = mp.manifest_id AND p.idx = mp.idx "
