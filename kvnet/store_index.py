@@ -69,10 +69,16 @@ class StoreIndex:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            index = cls(db, read_only=False)
+            # An old-layout store gets its version when converted. Written only when it changes: a
+            # store on a full disk must still open (to be read, or emptied).
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != LAYOUT_VERSION and not index.has_legacy_pieces():
+                db.execute(f"PRAGMA user_version={LAYOUT_VERSION}")
         except sqlite3.Error:
             db.close()
             raise
-        return cls(db, read_only=False)
+        return index
 
     @classmethod
     def open_read_only(cls, path: Path) -> StoreIndex:

@@ -144,6 +144,7 @@ def test_two_manifests_of_the_same_bytes_each_hold_their_own_copy(tmp_path):
         store.remove(sm.id)
         assert store.read_piece(sm2.id, 0, verify=True) == pieces[0]
         assert store.usage() == len(pieces[0])
+        assert store.db.execute("PRAGMA user_version").fetchone() == (2,)  # a new store is in the new layout
         with pytest.raises(NotFoundError):
             store.get_manifest(sm.id)
 
