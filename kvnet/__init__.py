@@ -11,7 +11,7 @@ map and its layering are in docs/architecture.md (checked by tests/test_layers.p
   chain               -> chain keys: the address of a KV prefix
   identity, manifest  -> Ed25519 keys and the signed artifact manifest
   artifact, pieces    -> KV <-> block-major bytes <-> verified pieces (pieces: the torch-free part)
-  store               -> crash-safe content-addressed local store with an SQLite index
+  store               -> crash-safe local store (a data file per artifact) with an SQLite index
   publish, reuse      -> the offline workflows the CLI drives
   p2p                 -> libp2p host, DHT, offer/pieces protocols, fetcher, node
   logs, cli           -> logging setup and the `kvnet` command

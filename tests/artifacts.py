@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kvnet import identity
 from kvnet.hashing import b3
 from kvnet.manifest import Manifest, Terms
-from kvnet.pieces import split_pieces
+from kvnet.pieces import ArtifactError, split_pieces
 from kvnet.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,28 @@ def fake_artifact(seed: int, mb: int, piece_size: int = 1 << 20, kv_shape: tuple
         source={"title": f"fake {seed}"},
     )
     return m.sign(_KEY), [bytes(p) for p in split_pieces(memoryview(data), piece_size)]
+
+
+def corrupt_piece(store: Store, mid: bytes, index: int, at: int = 0) -> None:
+    """Flip one byte of a stored piece on disk, behind the store's back (a rotting disk), found
+    through `Store.piece_span` so that no test hard-codes the store's layout."""
+    path, offset, _ = store.piece_span(mid, index)
+    with open(path, "r+b") as f:
+        f.seek(offset + at)
+        b = f.read(1)
+        f.seek(offset + at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def lose_piece(store: Store, mid: bytes, index: int) -> None:
+    """Make the store lose one piece the way a real store does: its bytes rot on disk and a verifying
+    read finds it corrupt and drops it from the index."""
+    corrupt_piece(store, mid, index)
+    try:
+        store.read_piece(mid, index, verify=True)
+    except ArtifactError:
+        return
+    raise AssertionError(f"piece {index} was corrupted on disk, yet it read back whole")
 
 
 def provider_home(tmp: Path, name: str, sm, pieces) -> Path:

@@ -11,7 +11,7 @@ import typer
 
 from kvnet.cli import app
 from kvnet.store import Store
-from tests.artifacts import fake_artifact, provider_home, serve_process
+from tests.artifacts import corrupt_piece, fake_artifact, provider_home, serve_process
 
 
 def kvnet(home, *args, check=True):
@@ -52,12 +52,8 @@ def test_publish_ls_show_verify_generate(home, tmp_path):
     gen = kvnet(home, "generate", "--model", "tiny", "--prompt-file", str(prompt), "--max-new-tokens", "8")
     assert "cached_tokens 780" in gen.stderr
     # a corrupted piece on disk is caught by verify, which exits non-zero
-    piece = next((home / "store" / "pieces").rglob("*"))
-    while piece.is_dir():
-        piece = next(piece.iterdir())
-    data = bytearray(piece.read_bytes())
-    data[0] ^= 0xFF
-    piece.write_bytes(data)
+    with Store(home / "store", read_only=True) as store:
+        corrupt_piece(store, bytes.fromhex(mid), 0)
     bad = kvnet(home, "verify", mid, check=False)
     assert bad.returncode == 1 and "corrupt" in bad.stdout
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet.publish import find_existing, publish_tokens
 from kvnet.store import AmbiguousIdError, NotFoundError, PinnedError, Store
-from tests.artifacts import _KEY, fake_artifact
+from tests.artifacts import _KEY, corrupt_piece, fake_artifact
 from tests.conftest import random_tokens
 
 
@@ -36,18 +36,20 @@ def test_delete_refuses_a_pinned_artifact_unless_forced(store):
     assert store.missing_pieces(sm.id) == []  # untouched
     store.delete(sm.id, force=True)
     assert store.entries() == []
-    assert not any(p.is_file() for p in (store.root / "pieces").rglob("*"))
+    assert not store.files.path(sm.id).exists()  # its data file is freed
     with pytest.raises(NotFoundError):
         store.delete(sm.id)
 
 
-def test_delete_keeps_pieces_another_artifact_shares(store):
+def test_delete_leaves_another_artifact_of_the_same_pieces_whole(store):
     old, pieces = fake_artifact(2, 2)
-    new = _republished(old, created=5)  # same pieces, different manifest
+    new = _republished(old, created=5)  # same pieces, different manifest (each has its own data file)
     _put(store, old, pieces)
     _put(store, new, pieces)
     store.delete(old.id)
+    assert not store.files.path(old.id).exists() and store.files.path(new.id).exists()
     assert store.missing_pieces(new.id) == []
+    assert [store.read_piece(new.id, i, verify=True) for i in range(len(pieces))] == pieces
     assert store.check() == []
 
 
@@ -74,7 +76,9 @@ def test_gc_removes_partial_and_superseded_and_keeps_newest_and_pinned(store):
     removed = store.gc()
     assert {i.id for i in removed} == {old.id, newest_partial.id}
     assert {e.id for e in store.entries()} == {newer.id, other.id, pinned_partial.id}
-    assert store.missing_pieces(newer.id) == []  # shared pieces stayed with the survivor
+    assert store.missing_pieces(newer.id) == []  # the survivor keeps its own pieces
+    assert sorted(p.name for p in (store.root / "data").iterdir()) == sorted(
+        store.files.path(m).name for m in (newer.id, other.id, pinned_partial.id))  # removed files freed
     assert store.check() == []
     assert store.gc() == []
 
@@ -97,8 +101,7 @@ def test_read_only_open_reads_and_never_writes(tmp_path):
     sm, pieces = fake_artifact(6, 2)
     with Store(tmp_path / "store") as store:
         _put(store, sm, pieces)
-    piece = next(p for p in (tmp_path / "store" / "pieces").rglob("*") if p.is_file())
-    piece.write_bytes(b"\0" * piece.stat().st_size)  # corrupt one piece on disk
+        corrupt_piece(store, sm.id, 1)  # corrupt one piece on disk
     def files() -> dict:
         # SQLite may create the WAL's -wal/-shm side files for a reader in a writable directory; they
         # hold no data. Everything else must be byte-for-byte untouched.

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.chain",),
     ("kvnet.identity", "kvnet.manifest"),
     ("kvnet.artifact", "kvnet.pieces"),
-    ("kvnet.store",),
+    ("kvnet.store", "kvnet.store_index", "kvnet.store_files"),
     ("kvnet.publish", "kvnet.reuse", "kvnet.exactness"),
     ("kvnet.p2p", "kvnet.p2p.stats"),
     ("kvnet.logs", "kvnet.cli"),

@@ -17,7 +17,7 @@ from kvnet.p2p import dht as kdht
 from kvnet.p2p import wire
 from kvnet.p2p.server import MAX_OFFERS, MAX_PIECES_PER_REQUEST, MAX_RANGES, OFFER_PROTOCOL, PIECES_PROTOCOL
 from kvnet.publish import publish_tokens
-from tests.artifacts import _KEY, fake_artifact
+from tests.artifacts import _KEY, fake_artifact, lose_piece
 from tests.conftest import random_tokens
 from tests.p2p.conftest import make_node
 
@@ -139,9 +139,8 @@ async def test_every_pieces_error_code_has_its_trigger(pair):
 async def test_pieces_response_sequence_missing_pieces_and_close(pair):
     s, c, pub = pair
     mid, m = pub.manifest_id, pub.signed.manifest
-    # a piece the store lost (file gone) is answered "missing" in its place; the others are served
-    lost = s.store.root / "pieces" / m.pieces[5].hex()[:2] / m.pieces[5].hex()
-    lost.unlink()
+    # a piece the store lost (found corrupt and dropped) is answered "missing" in its place; the others are served
+    lose_piece(s.store, mid, 5)
     frames, end = await _exchange(c, s, PIECES_PROTOCOL, _pieces(mid, [[6, 8], [4, 6]]))
     assert frames == [{"i": 6, "n": m.piece_len(6)}, {"i": 7, "n": m.piece_len(7)}, {"i": 4, "n": m.piece_len(4)},
                       {"i": 5, "err": "missing"}, {"done": True}]
@@ -208,16 +207,16 @@ async def test_offers_are_capped_at_8_most_recently_used_first(tmp_path):
 async def test_a_handler_failing_unexpectedly_answers_internal_and_the_node_keeps_serving(pair):
     s, c, pub = pair
     mid, m = pub.manifest_id, pub.signed.manifest
-    # the store's file for piece 3 becomes a directory: reading it raises IsADirectoryError, which
-    # is no error the server expects
-    h = m.pieces[3].hex()
-    path = s.store.root / "pieces" / h[:2] / h
-    path.unlink()
+    # the artifact's data file becomes a directory: reading it raises IsADirectoryError, which is no
+    # error the server expects
+    path = s.store.piece_span(mid, 3)[0]
+    path.rename(path.with_suffix(".moved"))
     path.mkdir()
     frames, end = await _exchange(c, s, PIECES_PROTOCOL, _pieces(mid, [[2, 4]]))
-    assert frames[0] == {"i": 2, "n": m.piece_len(2)}
-    assert frames[1]["err"] == "internal" and "i" not in frames[1] and len(frames) == 2
+    assert frames[0]["err"] == "internal" and "i" not in frames[0] and len(frames) == 1
     assert end == "eof"
+    path.rmdir()
+    path.with_suffix(".moved").rename(path)
     # the same node still serves another piece and an offer
     frames, end = await _exchange(c, s, PIECES_PROTOCOL, _pieces(mid, [[4, 5]]))
     assert frames == [{"i": 4, "n": m.piece_len(4)}, {"done": True}] and end == "eof"
