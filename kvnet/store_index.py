@@ -23,7 +23,8 @@ from kvnet.manifest import SignedManifest
 
 LAYOUT_VERSION = 2  # PRAGMA user_version: 2 = data files + `present`; 0/1 = pieces/<ab>/<hash> + `pieces`
 
-SCHEMA = """
+# The tables layout 2 shares with layout 1 (manifests, their chain keys and piece lists), unchanged.
+COMMON_TABLES = """
 CREATE TABLE IF NOT EXISTS manifests(
     id BLOB PRIMARY KEY, model_id BLOB NOT NULL, n_tokens INTEGER NOT NULL, block_size INTEGER NOT NULL,
     total_bytes INTEGER NOT NULL, n_pieces INTEGER NOT NULL, title TEXT, publisher BLOB NOT NULL,
@@ -37,6 +38,12 @@ CREATE TABLE IF NOT EXISTS manifest_pieces(
     manifest_id BLOB NOT NULL REFERENCES manifests(id) ON DELETE CASCADE, idx INTEGER NOT NULL,
     hash BLOB NOT NULL, size INTEGER NOT NULL, PRIMARY KEY(manifest_id, idx));
 CREATE INDEX IF NOT EXISTS manifest_pieces_hash ON manifest_pieces(hash);
+"""
+LEGACY_PIECES_TABLE = """
+CREATE TABLE IF NOT EXISTS pieces(hash BLOB PRIMARY KEY, size INTEGER NOT NULL);
+"""
+"""Layout 1's list of stored pieces (files pieces/<ab>/<hash>); read by the migration, then dropped."""
+SCHEMA = COMMON_TABLES + """
 CREATE TABLE IF NOT EXISTS present(
     manifest_id BLOB NOT NULL REFERENCES manifests(id) ON DELETE CASCADE, idx INTEGER NOT NULL,
     size INTEGER NOT NULL, PRIMARY KEY(manifest_id, idx)) WITHOUT ROWID;

@@ -1,8 +1,8 @@
 """A writer of the store's first on-disk layout (v1, before data files), for the migration tests.
 
 v1 kept each piece as its own file named by its BLAKE3 (`pieces/<ab>/<hash>`) and listed stored
-pieces in a `pieces(hash, size)` table. This writes exactly that layout (the v1 schema, verbatim, and
-the rows and files v1's `put_manifest` and `put_pieces` made), so that the tests exercise the
+pieces in a `pieces(hash, size)` table. This writes exactly that layout (v1's tables, and the rows and
+files v1's `put_manifest` and `put_pieces` made), so that the tests exercise the
 migration against real v1 stores without keeping the whole v1 store code around.
 """
 
@@ -14,23 +14,9 @@ from pathlib import Path
 
 from kvnet.hashing import b3
 from kvnet.manifest import parse
+from kvnet.store_index import COMMON_TABLES, LEGACY_PIECES_TABLE
 
-SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS manifests(
-    id BLOB PRIMARY KEY, model_id BLOB NOT NULL, n_tokens INTEGER NOT NULL, block_size INTEGER NOT NULL,
-    total_bytes INTEGER NOT NULL, n_pieces INTEGER NOT NULL, title TEXT, publisher BLOB NOT NULL,
-    created INTEGER NOT NULL, expires INTEGER NOT NULL, added REAL NOT NULL, last_used REAL NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS manifests_model ON manifests(model_id);
-CREATE TABLE IF NOT EXISTS chain(
-    key BLOB NOT NULL, manifest_id BLOB NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
-    n_tokens INTEGER NOT NULL, PRIMARY KEY(key, manifest_id));
-CREATE TABLE IF NOT EXISTS manifest_pieces(
-    manifest_id BLOB NOT NULL REFERENCES manifests(id) ON DELETE CASCADE, idx INTEGER NOT NULL,
-    hash BLOB NOT NULL, size INTEGER NOT NULL, PRIMARY KEY(manifest_id, idx));
-CREATE INDEX IF NOT EXISTS manifest_pieces_hash ON manifest_pieces(hash);
-CREATE TABLE IF NOT EXISTS pieces(hash BLOB PRIMARY KEY, size INTEGER NOT NULL);
-"""
+SCHEMA_V1 = COMMON_TABLES + LEGACY_PIECES_TABLE  # layout 2 kept layout 1's other tables unchanged
 
 
 class Store:

@@ -25,6 +25,7 @@ from libp2p.network.config import ConnectionConfig
 
 from kvnet.p2p import compat
 from kvnet.p2p.host import MAX_INBOUND_CONNECTIONS, REFUSED_HINT
+from kvnet.p2p.stats import fds_open, trio_tasks
 from tests.artifacts import ROOT, fake_artifact
 from tests.p2p.conftest import make_node, rss_mb
 
@@ -36,26 +37,11 @@ TASK_MARGIN = 4
 RSS_GROWTH_LIMIT_MB = 64  # measured: +4 to +5 MB for 1000 peers
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _trio_tasks() -> int:
-    """All tasks in this trio run (the victim node's, plus the test's own few)."""
-    stack, n = [trio.lowlevel.current_root_task()], 0
-    while stack:
-        task = stack.pop()
-        n += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return n
-
-
 def _snapshot(node) -> dict[str, float]:
     gc.collect()
     swarm = node.host.get_network()
     return {"inbound_slots": compat.inbound_slots_in_use(swarm), "connections": len(swarm.get_connections()),
-            "fds": _fds(), "tasks": _trio_tasks(), "rss_mb": round(rss_mb(), 1),
+            "fds": fds_open(), "tasks": trio_tasks(), "rss_mb": round(rss_mb(), 1),
             "peerstore": len(node.host.get_peerstore().peer_ids())}
 
 
