@@ -320,8 +320,7 @@ class BulkServer:
         mid = grant.signed.id
         for i in grant.indices:
             try:
-                data = trio.from_thread.run(self.pieces.runner.call, self.pieces.runner.store.read_piece, mid, i,
-                                            trio_token=self._trio_token)
+                data = self._read_piece(mid, i)
             except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
                 conn.sendall(bw.header(bw.KIND_MISSING, i, 0))
                 continue
@@ -333,6 +332,11 @@ class BulkServer:
             self.served_pieces += 1
             self.served_bytes += len(data)
         conn.sendall(bw.header(bw.KIND_END, len(grant.indices), 0))
+
+    def _read_piece(self, mid: bytes, i: int) -> bytearray:
+        """A piece from the store, read through the node's StoreRunner (from a listener thread)."""
+        return trio.from_thread.run(self.pieces.runner.call, self.pieces.runner.store.read_piece, mid, i,
+                                    trio_token=self._trio_token)
 
     @staticmethod
     def _send_error(conn: socket.socket, code: str, msg: str) -> None:

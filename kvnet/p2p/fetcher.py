@@ -381,6 +381,8 @@ class Fetch:
     def _drop(self, p: Provider, reason: str, detail: str) -> None:
         if p.dropped is None:
             p.dropped = reason
+            # what it was asked for is open to the others at once (its late pieces still count)
+            self._release(p, [i for i, askers in self.in_flight.items() if p.peer in askers])
             score = self.scores.bad(p.peer, reason)
             # A peer that went away is routine (and reported in the result); a lie is worth a warning.
             level = logging.DEBUG if reason == "unreachable" else logging.WARNING
@@ -436,7 +438,6 @@ class _BulkSession(Handler):
                 nursery.start_soon(self._watch)
         finally:
             self.conn.abort()
-            self.p.received += self.conn.received_bytes
             for left in self.left.values():
                 self.f._release(self.p, sorted(left))
             self.left.clear()
@@ -461,17 +462,20 @@ class _BulkSession(Handler):
                 pieces = await self._next()
                 if not pieces:
                     return
+                queued = False
                 try:
                     answer, _ = await self.f._request_grant(self.p, pieces)
+                    self._queue(ClientGrant(answer["token"], pieces))
+                    queued = True
                 except _Drop as exc:  # e.g. over its budget: what is already granted still comes
-                    self.f._release(self.p, pieces)
                     self.f._drop(self.p, exc.reason, str(exc))
                     return
                 except Exception as exc:  # noqa: BLE001 - a reset, a vanished peer
-                    self.f._release(self.p, pieces)
                     self.f._drop(self.p, "unreachable", repr(exc))
                     return
-                self._queue(ClientGrant(answer["token"], pieces))
+                finally:
+                    if not queued:  # cancelled included: these pieces go back to the pool
+                        self.f._release(self.p, pieces)
         finally:
             self.grants.put(None)  # the receiver ends once every queued grant is done
 
@@ -504,6 +508,7 @@ class _BulkSession(Handler):
 
     async def _piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
         self.left.get(grant.token, set()).discard(index)
+        self.p.received += len(data)
         await self.f._accept(self.p, index, data)
 
     def _missing(self, grant: ClientGrant, index: int) -> None:
