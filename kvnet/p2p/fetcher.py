@@ -120,14 +120,15 @@ class Fetch:
         """Next batch for `p`: unassigned pieces it has, else (endgame, only for the last
         ENDGAME_PIECES pieces) one piece in flight at exactly one other provider.
 
-        A bulk grant is up to `bulk_batch` pieces, but no more than a share of what is left, so the
-        last pieces are spread over the providers instead of queued behind one."""
+        A request is up to `batch` pieces (a bulk grant up to `bulk_batch`), but no more than a share
+        of what is left per request slot of the live providers, so that every provider gets work and
+        the last pieces are spread over the providers instead of queued behind one."""
         fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)
+        live = sum(1 for q in self.providers if q.dropped is None) or 1
         if bulk:
-            live = sum(1 for q in self.providers if q.dropped is None) or 1
-            fresh = fresh[: min(self.bulk_batch, max(1, len(fresh) // (2 * live)))]
-        else:
-            fresh = fresh[: self.batch]
+            fresh = fresh[: min(self.bulk_batch, max(1, len(fresh) // (BULK_GRANTS_AHEAD * live)))]
+        else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
+            fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
         if not fresh and len(self.pending - self.queued) <= ENDGAME_PIECES:
             fresh = [i for i in sorted(self.pending - self.queued)
                      if i in p.have and len(self.in_flight.get(i, ())) == 1 and p.peer not in self.in_flight[i]][:1]
