@@ -169,7 +169,8 @@ class BulkServer:
         try:
             self.pieces.charge(peer, sum(sm.manifest.piece_len(i) for i in indices))
         except BaseException:
-            self._unreserve(peer)
+            with self._lock:
+                self._unreserve(peer)
             raise
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
@@ -192,6 +193,7 @@ class BulkServer:
         raise self.pieces.refuse(peer, "busy", why)
 
     def _unreserve(self, peer: str) -> None:
+        """One outstanding grant of `peer` fewer (the caller holds the lock)."""
         left = self._grants_by_peer.get(peer, 0) - 1
         if left > 0:
             self._grants_by_peer[peer] = left

@@ -13,6 +13,7 @@ import socket
 import pytest
 import trio
 
+from kvnet import canonical
 from kvnet.p2p import bulk_wire as bw
 from kvnet.p2p import wire
 from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
@@ -291,3 +292,54 @@ async def test_three_bulk_providers_are_all_used_and_bytes_stay_near_the_artifac
     assert all(result.providers[_pid(q)]["pieces"] > 0 for q in provs), result.providers
     assert sm.manifest.total_bytes <= result.received_bytes <= 1.05 * sm.manifest.total_bytes
     assert c.store.missing_pieces(sm.id) == [] and c.store.check() == []
+
+
+@pytest.mark.trio
+async def test_a_listener_on_every_interface_is_reached_at_the_libp2p_address(tmp_path):
+    """Bound to 0.0.0.0, a grant names host "": the client connects to the IP it reached the node at."""
+    sm, pieces = fake_artifact(68, 1, piece_size=PIECE)
+    p = _holding(tmp_path, "P", sm, pieces, listen=["/ip4/0.0.0.0/tcp/0"])
+    c = make_node(tmp_path, "C", timeout=2.0)
+    async with trio.open_nursery() as n:
+        await _start(n, p, c)
+        assert (await _ask_grant(c, p, sm, [[0, 1]], "tcp"))["host"] == ""
+        found = await c.find_manifest(sm.id)
+        result = await c.fetch(found)
+        n.cancel_scope.cancel()
+    assert result.paths == {_pid(p): "bulk-tls"} and p.bulk.served_pieces == len(pieces)
+    assert c.store.missing_pieces(sm.id) == []
+
+
+def _hold_grant(port: int, token: bytes, record_bytes: int) -> tuple[socket.socket, bytes]:
+    """Redeem a token on a plain connection, read `record_bytes` bytes, keep the connection open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(bw.hello(token))
+    got = bytearray()
+    while len(got) < record_bytes and (chunk := s.recv(record_bytes - len(got))):
+        got += chunk
+    return s, bytes(got)
+
+
+@pytest.mark.trio
+async def test_bulk_connections_per_peer_are_bounded(tmp_path):
+    sm, pieces = fake_artifact(69, 1, piece_size=PIECE)
+    p = _holding(tmp_path, "P", sm, pieces)
+    c = make_node(tmp_path, "C", timeout=2.0)
+    limit = bw.BulkLimits().conns_per_peer
+    async with trio.open_nursery() as n:
+        await _start(n, p, c)
+        grants = [await _ask_grant(c, p, sm, [[i, i + 1]], "tcp") for i in range(limit + 1)]
+        held = []
+        one = 2 * bw.HEADER.size + PIECE  # a piece record and the end record
+        for g in grants[:limit]:
+            s, got = await trio.to_thread.run_sync(_hold_grant, g["port"], g["token"], one)
+            assert bw.parse_header(got[: bw.HEADER.size])[0] == bw.KIND_PIECE and len(got) == one
+            held.append(s)
+        s, got = await trio.to_thread.run_sync(_hold_grant, grants[-1]["port"], grants[-1]["token"], 1 << 16)
+        held.append(s)
+        kind, _, length = bw.parse_header(got[: bw.HEADER.size])
+        assert kind == bw.KIND_ERROR and canonical.decode(got[bw.HEADER.size:], length)["err"] == "busy"
+        for s in held:
+            s.close()
+        n.cancel_scope.cancel()
+    assert p.bulk.closed_conns.get("busy") == 1 and p.bulk.served_pieces == limit
