@@ -18,12 +18,14 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import queue
 import secrets
 import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ from kvnet.store import NotFoundError
 
 log = logging.getLogger("kvnet.p2p.bulk")
 CERT_DAYS = 30  # the certificate is ephemeral (a new one per start); its dates only have to be sane
-ACCEPT_POLL_S = 0.25  # how often the accept thread looks at the stop flag
+ACCEPT_POLL_S = 0.25  # how often the accept thread (and a blocked read-ahead) looks at the stop flag
+READ_AHEAD = 2  # pieces read from the store ahead of the one being sent, per connection
 
 
 def make_tls_context() -> tuple[ssl.SSLContext, bytes]:
@@ -319,21 +322,50 @@ class BulkServer:
     def _send_grant(self, conn: socket.socket, grant: Grant) -> None:
         """Every granted piece in order (or `missing`), then the end record."""
         conn.settimeout(self.limits.stall_s)
-        mid = grant.signed.id
-        for i in grant.indices:
-            try:
-                data = self._read_piece(mid, i)
-            except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
+        for i, data, exc in self._read_ahead(grant):
+            if isinstance(exc, NotFoundError | ArtifactError):  # evicted, or found corrupt and dropped
                 conn.sendall(bw.header(bw.KIND_MISSING, i, 0))
                 continue
-            except Exception as exc:  # noqa: BLE001 - the node is stopping, or the store failed
+            if exc is not None:  # the node is stopping, or the store failed
                 self._send_error(conn, "internal", type(exc).__name__)
                 raise _Closed("internal") from exc
+            assert data is not None
             conn.sendall(bw.header(bw.KIND_PIECE, i, len(data)))
             conn.sendall(data)
             self.served_pieces += 1
             self.served_bytes += len(data)
         conn.sendall(bw.header(bw.KIND_END, len(grant.indices), 0))
+
+    def _read_ahead(self, grant: Grant) -> Iterator[tuple[int, bytearray | None, BaseException | None]]:
+        """The grant's pieces in order, each read by a helper thread while the one before is sent
+        (a store read goes through the trio loop; without this the socket idled during every read)."""
+        ahead: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        stop = threading.Event()
+
+        def reader() -> None:
+            for i in grant.indices:
+                try:
+                    item = (i, self._read_piece(grant.signed.id, i), None)
+                except BaseException as exc:  # noqa: BLE001 - handed to the sender, which answers it
+                    item = (i, None, exc)
+                while not stop.is_set():
+                    try:
+                        ahead.put(item, timeout=ACCEPT_POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set() or item[2] is not None and not isinstance(item[2], NotFoundError | ArtifactError):
+                    return
+
+        threading.Thread(target=reader, daemon=True, name="kvnet-bulk-read").start()
+        try:
+            for _ in grant.indices:
+                item = ahead.get()
+                yield item
+                if item[2] is not None and not isinstance(item[2], NotFoundError | ArtifactError):
+                    return
+        finally:
+            stop.set()
 
     def _read_piece(self, mid: bytes, i: int) -> bytearray:
         """A piece from the store, read through the node's StoreRunner (from a listener thread)."""
