@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.artifact", "kvnet.pieces"),
     ("kvnet.store", "kvnet.store_index", "kvnet.store_files"),
     ("kvnet.publish", "kvnet.reuse", "kvnet.exactness"),
-    ("kvnet.p2p", "kvnet.p2p.stats"),
+    ("kvnet.p2p.bulk_wire",),  # the bulk path's wire constants: nothing of the p2p machinery below them
+    ("kvnet.p2p", "kvnet.p2p.stats"),  # the rest of kvnet.p2p, bulk_server and bulk_client included
     ("kvnet.logs", "kvnet.cli"),
 ]
 ROOT = Path(kvnet.__file__).parent

@@ -8,12 +8,21 @@ another request; verified pieces go to one writer task that stores them in group
 (`Store.put_pieces`, without hashing them again), off the event loop. A provider that sends a bad piece, a
 wrong length, a protocol violation or nothing before the timeout is dropped for this fetch, scored
 down persistently, gets no further request in this fetch, and its pieces go back to the pool.
+
+With `bulk` set (the default of a node's fetch), each provider is first asked for a bulk grant
+(`/kvnet/bulk/1.0.0`, kvnet.p2p.bulk_wire): its pieces then come over one side connection (TLS 1.3 or
+plain TCP) that carries one grant after another, with the next grant requested while the current one
+streams. When the provider does not speak bulk, or the connection or TLS cannot be set up, the fetch
+falls back to `pieces` streams for that provider. Endgame duplicates are requested only for the last
+few pieces, one per request, and a bulk connection is cut as soon as the fetch is complete, so the
+bytes received stay close to the artifact's size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +32,8 @@ import trio
 
 from kvnet.errors import NetworkError
 from kvnet.manifest import SignedManifest
-from kvnet.p2p import wire
+from kvnet.p2p import bulk_wire, wire
+from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
 from kvnet.pieces import ArtifactError, verify_piece
@@ -33,6 +43,9 @@ log = logging.getLogger("kvnet.p2p.fetcher")
 OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
 WRITE_BATCH = 16  # pieces per group commit
+BULK_BATCH = 16  # pieces per bulk grant (at most the 64 a request may ask for)
+BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
+ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
 
 
 class FetchError(NetworkError):
@@ -46,6 +59,10 @@ class Provider:
     dropped: str | None = None  # why, once dropped
     pieces: int = 0
     bytes: int = 0
+    received: int = 0  # piece bytes read from this provider, endgame duplicates and discarded ones included
+    path: str = "streams"  # how its pieces came: "streams", "bulk-tls" or "bulk-tcp"
+    connected: bool = False  # a stream was opened to it in this fetch (so the libp2p connection exists)
+    dial_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -56,6 +73,8 @@ class FetchResult:
     bytes: int
     seconds: float
     providers: dict[str, dict] = field(default_factory=dict)
+    received_bytes: int = 0  # piece bytes read from all providers (>= bytes: endgame duplicates)
+    paths: dict[str, str] = field(default_factory=dict)  # peer -> "streams", "bulk-tls" or "bulk-tcp"
 
     @property
     def mb_per_s(self) -> float:
@@ -73,13 +92,19 @@ class Fetch:
 
     def __init__(self, signed: SignedManifest, needed: list[int], providers: list[Provider], runner: StoreRunner,
                  open_stream: OpenStream, scores: PeerScores, *, window: int = 4, batch: int = 8,
-                 timeout: float = 10.0, on_piece: Callable[[int, int], None] | None = None) -> None:
+                 timeout: float = 10.0, on_piece: Callable[[int, int], None] | None = None,
+                 bulk: str | None = None, bulk_batch: int = BULK_BATCH) -> None:
+        """`bulk`: the bulk mode to ask providers for ("tls", "tcp"), or None for `pieces` streams only."""
         self.sm, self.m = signed, signed.manifest
         self.pending = set(needed)
         self.total = len(self.pending)
         self.providers = providers
         self.runner, self.open_stream, self.scores = runner, open_stream, scores
         self.window, self.batch, self.timeout = window, batch, timeout
+        if bulk is not None and bulk not in bulk_wire.MODES:
+            raise ValueError(f"bulk mode must be one of {sorted(bulk_wire.MODES)} or None")
+        self.bulk, self.bulk_batch = bulk, bulk_batch
+        self.buffers: queue.SimpleQueue = queue.SimpleQueue()  # piece buffers the bulk receivers reuse
         self.on_piece = on_piece
         self.in_flight: dict[int, set[str]] = {}  # piece -> peers asked for it
         self.changed = trio.Event()
@@ -91,12 +116,22 @@ class Fetch:
 
     # -- assignment -----------------------------------------------------------------------------
 
-    def _take(self, p: Provider) -> list[int]:
-        """Next batch for `p`: unassigned pieces it has, else (endgame) pieces in flight elsewhere."""
-        fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)[: self.batch]
-        if not fresh:  # endgame: duplicate a little of what others are still sending
-            fresh = sorted(i for i in self.pending if i in p.have and p.peer not in self.in_flight.get(i, ()))
-            fresh = fresh[: max(1, self.batch // 4)]
+    def _take(self, p: Provider, bulk: bool = False) -> list[int]:
+        """Next batch for `p`: unassigned pieces it has, else (endgame, only for the last
+        ENDGAME_PIECES pieces) one piece in flight at exactly one other provider.
+
+        A request is up to `batch` pieces (a bulk grant up to `bulk_batch`), but no more than a share
+        of what is left per request slot of the live providers, so that every provider gets work and
+        the last pieces are spread over the providers instead of queued behind one."""
+        fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)
+        live = sum(1 for q in self.providers if q.dropped is None) or 1
+        if bulk:
+            fresh = fresh[: min(self.bulk_batch, max(1, len(fresh) // (BULK_GRANTS_AHEAD * live)))]
+        else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
+            fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
+        if not fresh and len(self.pending - self.queued) <= ENDGAME_PIECES:
+            fresh = [i for i in sorted(self.pending - self.queued)
+                     if i in p.have and len(self.in_flight.get(i, ())) == 1 and p.peer not in self.in_flight[i]][:1]
         for i in fresh:
             self.in_flight.setdefault(i, set()).add(p.peer)
         return fresh
@@ -125,7 +160,7 @@ class Fetch:
         """Ask `p` for `pieces` on one stream and store what verifies."""
         remaining = set(pieces)
         with trio.fail_after(self.timeout):
-            stream = await self.open_stream(p.peer, PIECES_PROTOCOL)
+            stream = await self._open(p, PIECES_PROTOCOL)
         try:
             ranges = _ranges(pieces)
             with trio.fail_after(self.timeout):
@@ -156,6 +191,7 @@ class Fetch:
                         data = await wire.read_exact(stream, n)
                 except wire.WireError as exc:
                     raise _Drop("bad_length", f"piece {i}: {exc}") from exc
+                p.received += n
                 try:  # caught here, before this peer is sent another request
                     verify_piece(self.m, i, data)
                 except ArtifactError as exc:
@@ -173,16 +209,33 @@ class Fetch:
             with contextlib.suppress(Exception):
                 await stream.close()
 
-    async def _accept(self, p: Provider, i: int, data: bytearray) -> None:
+    async def _open(self, p: Provider, protocol: str) -> Any:
+        """A stream to `p`; the first one of a fetch is opened alone, so that concurrent requests do
+        not each dial the provider (parallel dials to one peer fail, and the provider was dropped)."""
+        if p.connected:
+            return await self.open_stream(p.peer, protocol)
+        async with p.dial_lock:
+            stream = await self.open_stream(p.peer, protocol)
+            p.connected = True
+            return stream
+
+    async def _accept(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
         """Queue a verified piece for the writer, which stores pieces in group commits."""
         if i not in self.pending or i in self.queued:  # an endgame duplicate that lost the race
             self._release(p, [i])
+            self._recycle(data)
             return
         self.queued.add(i)
         try:
             await self.to_writer.send((p, i, data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.queued.discard(i)  # the fetch is over; this late copy is not needed
+            self._recycle(data)
+
+    def _recycle(self, data: bytearray | memoryview) -> None:
+        """Give a bulk receive buffer back for reuse (stream reads allocate their own)."""
+        if isinstance(data, memoryview) and isinstance(data.obj, bytearray) and len(data.obj) == self.m.piece_size:
+            self.buffers.put(data.obj)
 
     async def _writer(self, rx: trio.MemoryReceiveChannel) -> None:
         """Store received (already verified) pieces in group commits."""
@@ -212,7 +265,104 @@ class Fetch:
                         if self.on_piece:
                             self.on_piece(self.total - len(self.pending), self.total)
                     self.in_flight.pop(i, None)
+                    self._recycle(data)
                 self._wake()
+
+    # -- bulk -----------------------------------------------------------------------------------
+
+    async def _serve_from(self, p: Provider) -> None:
+        """Fetch what `p` can give: over bulk when asked for and `p` supports it, else on `window`
+        concurrent `pieces` streams."""
+        if self.bulk is not None:
+            try:
+                if await self._bulk_sessions(p):
+                    return
+            except _Drop as exc:
+                self._drop(p, exc.reason, str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - resets, a vanished peer: unusable now
+                self._drop(p, "unreachable", repr(exc))
+                return
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.window):
+                nursery.start_soon(self._worker, p)
+
+    async def _next_pieces(self, p: Provider) -> list[int]:
+        """The next bulk grant's pieces for `p`, waiting while others hold what it could send;
+        [] once nothing is left for it."""
+        while self.pending and p.dropped is None and self._obtainable():
+            pieces = self._take(p, bulk=True)
+            if pieces:
+                return pieces
+            if not any(i in p.have for i in self.pending):
+                break
+            await self.changed.wait()
+        return []
+
+    async def _bulk_sessions(self, p: Provider) -> bool:
+        """Bulk connections to `p`, one at a time, until nothing is left for it; False (before any
+        piece was taken from it over bulk) if its bulk path cannot be set up: fall back to streams."""
+        while True:
+            pieces = await self._next_pieces(p)
+            if not pieces:
+                return True
+            try:
+                answer, host = await self._request_grant(p, pieces)
+            except _Drop:
+                self._release(p, pieces)
+                raise
+            except Exception as exc:  # noqa: BLE001 - not supported, a reset: try the streams
+                self._release(p, pieces)
+                return self._fallback(p, f"no bulk grant ({_short(exc)})")
+            try:
+                conn = await trio.to_thread.run_sync(BulkConnection, host, answer["port"], self.bulk,
+                                                     answer["fingerprint"], self.timeout)
+            except bulk_wire.BulkError as exc:
+                self._release(p, pieces)
+                return self._fallback(p, str(exc))
+            p.path = f"bulk-{self.bulk}"
+            await _BulkSession(self, p, conn).run(ClientGrant(answer["token"], pieces))
+            if p.dropped is not None:
+                return True
+
+    def _fallback(self, p: Provider, why: str) -> bool:
+        if p.path != "streams":  # bulk worked before in this fetch: a failure now is the provider's
+            raise _Drop("protocol", f"bulk path failed: {why}")
+        log.info("provider %s: bulk path unavailable, using libp2p streams: %s", p.peer, why)
+        return False
+
+    async def _request_grant(self, p: Provider, pieces: list[int]) -> tuple[dict, str]:
+        """Ask `p` for a bulk grant of `pieces`; its answer and the host to connect to. An error
+        frame or a malformed answer is `_Drop`; failing to open the stream is not (no bulk here)."""
+        with trio.fail_after(self.timeout):
+            stream = await self._open(p, bulk_wire.BULK_PROTOCOL)
+        try:
+            with trio.fail_after(self.timeout):
+                await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "manifest": self.sm.id,
+                                                "ranges": _ranges(pieces), "mode": self.bulk, "receipt": None})
+                answer = await wire.read_frame(stream, wire.MAX_REQUEST)
+            if "err" in answer:
+                reason = "refused" if answer.get("err") in wire.LOAD_CODES else "protocol"
+                raise _Drop(reason, f"peer refused a bulk grant: {answer.get('err')} {answer.get('msg', '')}")
+            wire.field(answer, "token", bytes, size=bulk_wire.TOKEN_BYTES)
+            wire.field(answer, "fingerprint", bytes, size=bulk_wire.FINGERPRINT_BYTES)
+            port = wire.field(answer, "port", int)
+            host = wire.field(answer, "host", str)
+            if not 0 < port < 65536:
+                raise _Drop("protocol", f"bulk grant with port {port}")
+            if not host:  # "": the address this peer is reached at over libp2p
+                remote = stream.get_remote_address()
+                if not remote:
+                    raise _Drop("protocol", "bulk grant without a host, and no remote address known")
+                host = remote[0]
+            return answer, host
+        except wire.WireError as exc:
+            raise _Drop("protocol", str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise _Drop("timeout", f"no bulk grant within {self.timeout} s") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
 
     async def _worker(self, p: Provider) -> None:
         while self.pending and p.dropped is None and self._obtainable():
@@ -232,6 +382,8 @@ class Fetch:
     def _drop(self, p: Provider, reason: str, detail: str) -> None:
         if p.dropped is None:
             p.dropped = reason
+            # what it was asked for is open to the others at once (its late pieces still count)
+            self._release(p, [i for i, askers in self.in_flight.items() if p.peer in askers])
             score = self.scores.bad(p.peer, reason)
             # A peer that went away is routine (and reported in the result); a lie is worth a warning.
             level = logging.DEBUG if reason == "unreachable" else logging.WARNING
@@ -253,8 +405,7 @@ class Fetch:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, self._writer_rx)
             for p in usable:
-                for _ in range(self.window):
-                    (background or nursery).start_soon(self._worker, p)
+                (background or nursery).start_soon(self._serve_from, p)
             await self._until_settled()
             await self.to_writer.aclose()  # late pieces from background workers are dropped
             self._wake()  # idle background workers see that nothing is pending and exit
@@ -265,6 +416,117 @@ class Fetch:
     async def _until_settled(self) -> None:
         while self.pending and self._obtainable() and self.failure is None:
             await self.changed.wait()
+
+
+class _BulkSession(Handler):
+    """One bulk connection to one provider: a producer requests grants over libp2p (keeping
+    BULK_GRANTS_AHEAD outstanding), a receiver thread redeems them and reads their records, and a
+    watcher cuts the connection as soon as the fetch is complete (cancelling endgame duplicates)."""
+
+    def __init__(self, fetch: Fetch, p: Provider, conn: BulkConnection) -> None:
+        self.f, self.p, self.conn = fetch, p, conn
+        self.grants: queue.Queue = queue.Queue()
+        self.slots = trio.Semaphore(BULK_GRANTS_AHEAD)
+        self.left: dict[bytes, set[int]] = {}  # token -> granted pieces not yet received
+
+    async def run(self, first: ClientGrant) -> None:
+        await self.slots.acquire()
+        self._queue(first)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, nursery.cancel_scope)
+                nursery.start_soon(self._produce)
+                nursery.start_soon(self._watch)
+        finally:
+            self.conn.abort()
+            for left in self.left.values():
+                self.f._release(self.p, sorted(left))
+            self.left.clear()
+
+    def _queue(self, g: ClientGrant) -> None:
+        self.left[g.token] = set(g.indices)
+        self.grants.put(g)
+
+    async def _receive(self, scope: trio.CancelScope) -> None:
+        try:
+            await trio.to_thread.run_sync(self.conn.run, self.f.m, self.grants, self, self.f.buffers,
+                                          abandon_on_cancel=True)
+        except bulk_wire.BulkError as exc:
+            self.f._drop(self.p, "protocol" if exc.reason == "unavailable" else exc.reason, str(exc))
+        finally:
+            scope.cancel()
+
+    async def _produce(self) -> None:
+        try:
+            while True:
+                await self.slots.acquire()
+                pieces = await self._next()
+                if not pieces:
+                    return
+                queued = False
+                try:
+                    answer, _ = await self.f._request_grant(self.p, pieces)
+                    self._queue(ClientGrant(answer["token"], pieces))
+                    queued = True
+                except _Drop as exc:  # e.g. over its budget: what is already granted still comes
+                    self.f._drop(self.p, exc.reason, str(exc))
+                    return
+                except Exception as exc:  # noqa: BLE001 - a reset, a vanished peer
+                    self.f._drop(self.p, "unreachable", repr(exc))
+                    return
+                finally:
+                    if not queued:  # cancelled included: these pieces go back to the pool
+                        self.f._release(self.p, pieces)
+        finally:
+            self.grants.put(None)  # the receiver ends once every queued grant is done
+
+    async def _next(self) -> list[int]:
+        """The next grant's pieces; [] when none is due and nothing is outstanding (the session
+        ends; a new one starts if more becomes obtainable from this provider)."""
+        f, p = self.f, self.p
+        while f.pending and p.dropped is None and f._obtainable() and f.failure is None:
+            pieces = f._take(p, bulk=True)
+            if pieces or not self.left:
+                return pieces
+            await f.changed.wait()
+        return []
+
+    async def _watch(self) -> None:
+        while self.f.pending and self.f.failure is None:
+            await self.f.changed.wait()
+        self.conn.abort()
+
+    # -- called from the receiver thread --------------------------------------------------------
+
+    def piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
+        trio.from_thread.run(self._piece, grant, index, data)
+
+    def missing(self, grant: ClientGrant, index: int) -> None:
+        trio.from_thread.run_sync(self._missing, grant, index)
+
+    def done(self, grant: ClientGrant) -> None:
+        trio.from_thread.run_sync(self._done, grant)
+
+    async def _piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
+        self.left.get(grant.token, set()).discard(index)
+        self.p.received += len(data)
+        await self.f._accept(self.p, index, data)
+
+    def _missing(self, grant: ClientGrant, index: int) -> None:
+        self.left.get(grant.token, set()).discard(index)
+        self.p.have.discard(index)
+        self.f._release(self.p, [index])
+
+    def _done(self, grant: ClientGrant) -> None:
+        left = self.left.pop(grant.token, set())
+        self.f._release(self.p, sorted(left))
+        self.slots.release()
+        self.f._wake()
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _ranges(pieces: list[int]) -> list[list[int]]:
@@ -295,4 +557,5 @@ async def fetch_pieces(signed: SignedManifest, needed: list[int], providers: lis
     if f.pending:
         raise FetchError(f"{len(f.pending)} of {len(todo)} pieces could not be fetched "
                          f"(providers: {stats})")
-    return FetchResult(signed.id, f.fetched, len(needed) - len(todo), f.bytes, seconds, stats)
+    return FetchResult(signed.id, f.fetched, len(needed) - len(todo), f.bytes, seconds, stats,
+                       sum(p.received for p in f.providers), {p.peer: p.path for p in f.providers})

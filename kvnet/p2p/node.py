@@ -15,6 +15,7 @@ exits right after) announces nothing: its records would point at a process that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -29,8 +30,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from kvnet import chain
 from kvnet.errors import BootstrapError
 from kvnet.manifest import ManifestError, SignedManifest, parse
+from kvnet.p2p import bulk_wire, wire
 from kvnet.p2p import dht as kdht
-from kvnet.p2p import wire
+from kvnet.p2p.bulk_server import BulkServer
 from kvnet.p2p.fetcher import FetchResult, Provider, fetch_pieces
 from kvnet.p2p.host import (
     DEFAULT_LISTEN,
@@ -156,7 +158,10 @@ class Node:
                  terms: HostingTerms | None = None, republish_s: float = 3600.0, refresh_s: float = 60.0,
                  timeout: float = 10.0, watch_s: float = WATCH_S, growth_check_s: float = GROWTH_CHECK_S,
                  growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S,
-                 serve_limits: ServeLimits | None = None, conn_limits: ConnectionLimits | None = None) -> None:
+                 serve_limits: ServeLimits | None = None, conn_limits: ConnectionLimits | None = None,
+                 bulk_listen: int | None = 0) -> None:
+        """`bulk_listen`: the TCP port of the bulk listener (on the IP of the first listen address;
+        0 picks a free one), or None to serve no bulk path (fetches from this node then use streams)."""
         self.key = key
         self.store = store
         self.runner = StoreRunner(store)
@@ -184,6 +189,8 @@ class Node:
         self._provided: dict[bytes, set[bytes]] = {}  # manifest id -> keys announced for it
         self._seen: dict[bytes, int] = {}  # manifest id -> pieces present when last announced
         self._bootstrap_ids: set[ID] = set()  # asked first by lookups (Node._preferred)
+        self.bulk_listen = bulk_listen
+        self.bulk: BulkServer | None = None  # the bulk listener, while running
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -199,7 +206,7 @@ class Node:
         async with running(self.host, self.listen):  # ListenError if an address cannot be listened on
             self.host.set_stream_handler(OFFER_PROTOCOL, self.server.handle_offer)
             self.host.set_stream_handler(PIECES_PROTOCOL, self.server.handle_pieces)
-            async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+            async with self._bulk_listener(), background_trio_service(self.dht), trio.open_nursery() as nursery:
                 # A fetch-only node looks up at once: its lookup walks on from the bootstrap peers'
                 # answers, so filling the routing table waits in the background (with Sybils
                 # answering the refresh it can take the whole timeout, 10 s, before any lookup).
@@ -214,6 +221,20 @@ class Node:
                 nursery.start_soon(self._refresh_loop)
                 task_status.started(self)
                 await trio.sleep_forever()
+
+    @contextlib.asynccontextmanager
+    async def _bulk_listener(self):
+        """Run the bulk listener (unless `bulk_listen` is None) and its `/kvnet/bulk/1.0.0` handler."""
+        if self.bulk_listen is None:
+            yield
+            return
+        self.bulk = BulkServer(self.server, _listen_ip(self.listen[0]), self.bulk_listen)
+        self.bulk.start()
+        self.host.set_stream_handler(bulk_wire.BULK_PROTOCOL, self.bulk.handle_bulk)
+        try:
+            yield
+        finally:
+            self.bulk.stop()
 
     @property
     def addrs(self) -> list[str]:
@@ -520,18 +541,20 @@ class Node:
         return await self.host.new_stream(ID.from_base58(peer), [protocol])
 
     async def fetch(self, found: Found, n_tokens: int | None = None, *, on_piece=None, window: int = 4,
-                    batch: int = 8) -> FetchResult:
+                    batch: int = 8, bulk: str | None = bulk_wire.DEFAULT_MODE) -> FetchResult:
         """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store.
 
-        Returns as soon as the pieces are durable. A node that announces schedules the announcement
-        of what it now holds in its background; a fetch-only node (`announce=False`) announces nothing.
+        `bulk` is the bulk mode asked of providers ("tls", or "tcp" for public artifacts), or None
+        for libp2p `pieces` streams only. Returns as soon as the pieces are durable. A node that
+        announces schedules the announcement of what it now holds in its background; a fetch-only
+        node (`announce=False`) announces nothing.
         """
         sm = found.signed
         await self.runner.call(self.store.put_manifest, sm.raw)
         needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
         result = await fetch_pieces(sm, needed, found.providers, self.runner, self._open, self.scores,
                                     background=self._background, window=window, batch=batch,
-                                    timeout=self.timeout, on_piece=on_piece)
+                                    timeout=self.timeout, on_piece=on_piece, bulk=bulk)
         if self.announcing and self._background is not None:
             self._background.start_soon(self._announce_in_background)
         return result
@@ -541,6 +564,14 @@ class Node:
             await self.announce_new()
         except Exception as exc:  # noqa: BLE001 - the store watcher retries
             log.info("announcing a fetched artifact failed: %s", _cause(exc))
+
+
+def _listen_ip(addr: str) -> str:
+    """The IP of a listen multiaddr (/ip4/<ip>/tcp/<port> or /ip6/...); the bulk listener binds it."""
+    parts = addr.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return "0.0.0.0"
 
 
 def _prompt_matches(m, i: int, tokens: list[int], keys: list[chain.ChainKey]) -> list[int]:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
 from kvnet.pieces import ArtifactError
 from kvnet.store import NotFoundError, Store
@@ -60,10 +61,11 @@ class HostingTerms:
     currency: str = "USD"
 
 
-def _peer(stream: Any) -> str:
+def stream_peer(stream: Any) -> str:
+    """The base58 peer id at the far end of a libp2p stream ("?" if unknown), for logs and limits."""
     try:
         return stream.muxed_conn.peer_id.to_base58()
-    except Exception:  # noqa: BLE001 - only for logs
+    except Exception:  # noqa: BLE001 - a stream without a peer id
         return "?"
 
 
@@ -137,6 +139,10 @@ class PieceServer:
             if use.streams == 0 and use.tokens + (now - use.stamp) * cap / self.limits.window_s >= cap:
                 del self._use[peer]
 
+    def refuse(self, peer: str, code: str, msg: str) -> wire.WireError:
+        """Count and score a refusal of `peer` for a serving limit (the bulk path's too)."""
+        return self._refuse(peer, self._peer_use(peer), code, msg)
+
     def _refuse(self, peer: str, use: _PeerUse, code: str, msg: str) -> wire.WireError:
         self.refused[code] = self.refused.get(code, 0) + 1
         if self.on_abuse is not None:
@@ -146,22 +152,23 @@ class PieceServer:
                 log.debug("scoring %s failed: %r", peer, exc)
         return wire.WireError(code, msg)
 
-    async def _guard(self, stream: Any, name: str, body: Callable[[Any], Any]) -> None:
-        """Run a handler body; turn every failure into an error frame or a reset, never an escape."""
+    async def guard(self, stream: Any, name: str, body: Callable[[Any], Any]) -> None:
+        """Run a handler body; turn every failure into an error frame or a reset, never an escape
+        (shared with the bulk request handler, kvnet.p2p.bulk_server)."""
         ok = False
         try:
             await body(stream)
             ok = True
         except wire.WireError as exc:
-            log.info("%s from %s: %s", name, _peer(stream), exc)
+            log.info("%s from %s: %s", name, stream_peer(stream), exc)
             if exc.code in wire.ERROR_CODES:
                 ok = await self._try_send(stream, wire.error(exc.code, exc.msg))
             # else the stream itself failed (reset by the peer): nothing to answer, reset it
         except trio.TooSlowError:
-            log.info("%s from %s: request timed out", name, _peer(stream))
+            log.info("%s from %s: request timed out", name, stream_peer(stream))
             ok = await self._try_send(stream, wire.error("timeout", "no complete request in time"))
         except Exception as exc:  # noqa: BLE001 - a handler must never leak an exception
-            log.warning("%s from %s failed: %r", name, _peer(stream), exc)
+            log.warning("%s from %s failed: %r", name, stream_peer(stream), exc)
             ok = await self._try_send(stream, wire.error("internal", type(exc).__name__))
         finally:
             await _finish(stream, ok)  # close if the peer can still read our answer, else reset
@@ -176,7 +183,7 @@ class PieceServer:
             pass
         return False
 
-    async def _read_request(self, stream: Any, allowed: frozenset[str]) -> dict:
+    async def read_request(self, stream: Any, allowed: frozenset[str]) -> dict:
         """The one request frame of a stream, within the request timeout and size limit, with the
         fields every request shares checked: `v` must be 1 and `receipt` nil or absent (receipts
         are reserved for payments; a v1 server cannot honour one, so it refuses rather than ignore it),
@@ -200,10 +207,10 @@ class PieceServer:
     # -- /kvnet/offer/1.0.0 ---------------------------------------------------------------------
 
     async def handle_offer(self, stream: Any) -> None:
-        await self._guard(stream, "offer", self._offer)
+        await self.guard(stream, "offer", self._offer)
 
     async def _offer(self, stream: Any) -> None:
-        req = await self._read_request(stream, OFFER_FIELDS)
+        req = await self.read_request(stream, OFFER_FIELDS)
         key = wire.field(req, "key", bytes, size=32)
         offers = await self.runner.call(self._offers_for, key)
         await wire.write_frame(stream, {
@@ -226,12 +233,12 @@ class PieceServer:
     # -- /kvnet/pieces/1.0.0 --------------------------------------------------------------------
 
     async def handle_pieces(self, stream: Any) -> None:
-        await self._guard(stream, "pieces", self._pieces_limited)
+        await self.guard(stream, "pieces", self._pieces_limited)
 
     async def _pieces_limited(self, stream: Any) -> None:
         """`_pieces` within the peer's stream limit (checked when the stream opens, before the
         request is read: a peer holding its streams open idle is refused as well)."""
-        peer = _peer(stream)
+        peer = stream_peer(stream)
         use = self._peer_use(peer)
         if use.streams >= self.limits.streams_per_peer:
             raise self._refuse(peer, use, "busy", f"at most {self.limits.streams_per_peer} pieces streams per peer")
@@ -244,15 +251,21 @@ class PieceServer:
     def _charge(self, stream: Any, n: int) -> None:
         """Take `n` bytes from the peer's budget, or refuse with `rate_limited` (before the piece is
         sent: the error frame takes the place of its header)."""
-        peer = _peer(stream)
+        self.charge(stream_peer(stream), n)
+
+    def charge(self, peer: str, n: int) -> None:
+        """Take `n` bytes from `peer`'s budget or raise `rate_limited`; `pieces` charges each piece
+        before sending it, `bulk` a whole grant when issuing it (one budget for both paths)."""
         use = self._peer_use(peer)
         if use.tokens < n:
             raise self._refuse(peer, use, "rate_limited",
                                f"over {self.limits.bytes_per_window} bytes per {self.limits.window_s:g} s")
         use.tokens -= n
 
-    async def _pieces(self, stream: Any) -> None:
-        req = await self._read_request(stream, PIECES_FIELDS)
+    async def resolve(self, req: dict) -> tuple[SignedManifest, list[int]]:
+        """The manifest and piece indices a checked request asks for (`manifest`, then `ranges`, the
+        manifest lookup, the indices against it, in the order docs/protocol.md gives), or the
+        WireError to answer. Shared by `pieces` and `bulk`."""
         mid = wire.field(req, "manifest", bytes, size=32)
         indices = piece_indices(wire.field(req, "ranges", list))
         try:
@@ -262,6 +275,12 @@ class PieceServer:
         n = len(sm.manifest.pieces)
         if max(indices) >= n:
             raise wire.WireError("bad_range", f"piece index {max(indices)} past the end ({n} pieces)")
+        return sm, indices
+
+    async def _pieces(self, stream: Any) -> None:
+        req = await self.read_request(stream, PIECES_FIELDS)
+        sm, indices = await self.resolve(req)
+        mid = sm.id
         for i in indices:
             try:
                 data = await self.runner.call(self.runner.store.read_piece, mid, i)
@@ -274,6 +293,7 @@ class PieceServer:
             self.served_pieces += 1
             self.served_bytes += len(data)
         await wire.write_frame(stream, {"done": True})
+
 
 def piece_indices(ranges: list) -> list[int]:
     """The piece indices a `ranges` field asks for, in request order, or the WireError the spec

@@ -49,7 +49,8 @@ class LyingServer(PieceServer):
 @pytest.mark.parametrize("mode", ["flip", "short", "stall", "wrong_length"])
 async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
     doc = random_tokens(3000, seed=41)
-    honest1, honest2, liar = (make_node(tmp_path, n, timeout=2.0) for n in ("H1", "H2", "L"))
+    honest1, honest2 = (make_node(tmp_path, n, timeout=2.0) for n in ("H1", "H2"))
+    liar = make_node(tmp_path, "L", timeout=2.0, bulk_listen=None)  # lies on `pieces` streams (bulk: test_bulk.py)
     pub = publish_tokens(tiny_bf16, honest1.store, honest1.key, doc, piece_size=16384)  # 47 pieces
     for other in (honest2, liar):
         other.store.put_manifest(pub.signed.raw)

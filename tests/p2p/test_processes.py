@@ -1,4 +1,5 @@
-"""Real node processes: a provider SIGKILLed mid-transfer, a fetcher SIGKILLed mid-transfer and resumed."""
+"""Real node processes: a provider SIGKILLed mid-transfer, a fetcher SIGKILLed mid-transfer and resumed
+(over libp2p by the CLI, and over a bulk connection in TLS and TCP mode)."""
 
 import os
 import signal
@@ -98,6 +99,69 @@ def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
     assert done.returncode == 0, done.stderr
     assert f"already had {had}" in done.stdout
     assert f"fetched {len(pieces) - had} pieces" in done.stdout
+    with Store(home / "store") as store:
+        assert store.missing_pieces(sm.id) == []
+        assert store.check() == []
+
+
+FETCHER = r"""
+import sys, time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from kvnet import identity
+from kvnet.p2p.node import Node
+from kvnet.store import Store
+
+home, boot, mid, mode = Path(sys.argv[1]), sys.argv[2], bytes.fromhex(sys.argv[3]), sys.argv[4]
+
+
+def on_piece(done, total):
+    print("piece", done, total, flush=True)
+    time.sleep(0.02)  # a slow disk, so that the SIGKILL lands mid-fetch
+
+
+async def main():
+    node = Node(identity.load(home / "identity.key"), Store(home / "store"), bootstrap=[boot], timeout=5.0)
+    async with trio.open_nursery() as n:
+        await n.start(partial(node.run, announce=False))
+        found = await node.find_manifest(mid)
+        r = await node.fetch(found, on_piece=on_piece, bulk=mode)
+        print("done", r.fetched, r.already_had, sorted(set(r.paths.values())), flush=True)
+        n.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("mode", ["tls", "tcp"])
+def test_bulk_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers, mode):
+    """A process fetching over a bulk connection is SIGKILLed; what it stored verifies, and a new
+    process fetches only the rest, over bulk again."""
+    sm, pieces = artifact
+    _, (p2, addr2) = providers
+    home = tmp_path / "F"
+    identity.generate(home / "identity.key")
+    args = [sys.executable, "-c", FETCHER, str(home), addr2, sm.id.hex(), mode]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("piece"):
+            seen += 1
+            if seen == 10:
+                proc.kill()
+                break
+    assert proc.wait(10) == -signal.SIGKILL
+    with Store(home / "store") as store:
+        assert store.check() == []
+        had = len(store.present_pieces(sm.id))
+    assert 10 <= had < len(pieces)
+
+    done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"done {len(pieces) - had} {had} ['bulk-{mode}']" in done.stdout
     with Store(home / "store") as store:
         assert store.missing_pieces(sm.id) == []
         assert store.check() == []

@@ -78,3 +78,34 @@ def test_dht_field_numbers_are_the_protobuf_schema():
     for enum in (pb.Message.MessageType, pb.Message.ConnectionType):
         for v in enum.DESCRIPTOR.values:
             assert f"{v.name} = {v.number};" in SPEC
+
+
+def test_bulk_limits_and_layout_are_the_enforced_ones():
+    from kvnet.p2p import bulk_wire as bw
+    from kvnet.p2p.bulk_server import BulkServer
+
+    limits = {row[0]: row[1] for row in _first_table("### Limits of the bulk listener")}
+    d = bw.BulkLimits()
+    assert limits["token"].startswith(f"{bw.TOKEN_BYTES} bytes ({bw.TOKEN_BYTES * 8} bits)")
+    assert limits["token lifetime (`ttl`)"] == f"{d.token_ttl_s:g} s from issue"
+    assert limits["grants issued and not yet redeemed or expired"].startswith(
+        f"{d.grants_per_peer} per peer, {d.grants_total} in total")
+    assert limits["bulk connections at once, in total (with or without a token yet)"].startswith(f"{d.conns_total};")
+    assert limits["bulk connections at once per peer (counted from its first token)"].startswith(
+        f"{d.conns_per_peer};")
+    assert limits["from accept to a complete token message (TLS handshake included)"] == f"{d.hello_s:g} s"
+    assert limits["from a grant's end record to the next token message"] == f"{d.idle_s:g} s"
+    assert limits["time for one record (header + piece) to be accepted by the peer"] == f"{d.stall_s:g} s"
+    assert f"({bw.MAX_ERROR_RECORD:,} bytes)" in limits["error record payload"]
+    assert f"# seconds the token stays valid: {d.token_ttl_s:g}" in SPEC
+    # the byte layout: a 12-byte header, the kinds' numbers, the token message
+    assert bw.HEADER.size == 12 and "**Record header**: 12 bytes, big-endian" in SPEC
+    kinds = set(re.findall(r"^\| (\d) (piece|missing|end|error) \|", SPEC, re.M))
+    assert kinds == {(str(bw.KIND_PIECE), "piece"), (str(bw.KIND_MISSING), "missing"), (str(bw.KIND_END), "end"),
+                     (str(bw.KIND_ERROR), "error")}
+    assert "| 0 | 1 | kind: 0 piece, 1 missing, 2 end, 3 error |" in SPEC
+    assert bw.header(bw.KIND_END, 7, 0) == bytes([2, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0])
+    assert bw.hello(bytes(range(16)))[:4] == bytes([0x6B, 0x76, 0x62, 0x31]) and bw.HELLO_BYTES == 20
+    assert "20 bytes, the ASCII `kvb1` (0x6b 0x76 0x62 0x31) then the\n   16-byte token" in SPEC
+    assert {"v", "manifest", "ranges", "mode", "receipt"} == bw.BULK_FIELDS and bw.DEFAULT_MODE == "tls"
+    assert BulkServer.__init__.__defaults__[0] == 0  # port 0 (a free port) by default
