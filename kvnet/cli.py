@@ -76,6 +76,14 @@ class Level(enum.StrEnum):
     error = "error"
 
 
+class BulkMode(enum.StrEnum):
+    """The --bulk choices of `kvnet fetch` (kvnet.p2p.bulk_wire modes, or libp2p streams only)."""
+
+    tls = "tls"
+    tcp = "tcp"
+    off = "off"
+
+
 def _log_level(value: Level) -> Level:
     logs.setup(value.value if isinstance(value, Level) else value)
     return value
@@ -532,6 +540,9 @@ def fetch(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model ref (with --prompt-file).")] = None,
     dtype: DtypeOpt = "bf16",
     log_pieces: Annotated[bool, typer.Option(help="Print a line per stored piece (for scripts).")] = False,
+    bulk: Annotated[BulkMode, typer.Option(
+        help="How piece bytes travel: a bulk connection over TLS 1.3 (the default), plain TCP (public "
+             "artifacts only: readable on the path), or libp2p streams only (off).")] = BulkMode.tls,
     as_json: JsonOpt = False,
     log_level: LogLevel = Level.warning,
 ):
@@ -540,7 +551,7 @@ def fetch(
         raise _fail("give exactly one of --manifest or --prompt-file")
     if not bootstrap:
         raise _fail("no peer was asked (no --bootstrap given): fetch needs at least one peer address")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"bulk": None if bulk is BulkMode.off else bulk.value}
     if manifest is not None:
         kwargs["manifest_id"] = _manifest_arg(manifest)
     elif model is None:
@@ -586,8 +597,8 @@ def _fetch_report(outcome, as_json: bool) -> None:
     if r is not None:
         summary.update({"fetched": r.fetched, "already_had": r.already_had, "bytes": r.bytes,
                         "seconds": round(r.seconds, 4), "mb_per_s": round(r.mb_per_s, 2),
-                        "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"]}
-                                      for p, s in r.providers.items()}})
+                        "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"],
+                                          "path": r.paths.get(p)} for p, s in r.providers.items()}})
     if as_json:
         _emit_json(summary)
     if error is not None:
@@ -599,7 +610,8 @@ def _fetch_report(outcome, as_json: bool) -> None:
     out.print(f"fetched {r.fetched} pieces ({r.bytes / 1e6:.1f} MB) in {r.seconds:.2f} s "
               f"({r.mb_per_s:.0f} MB/s); already had {r.already_had}", highlight=False)
     for peer, stats in r.providers.items():
-        out.print(f"  {peer}: {stats['pieces']} pieces" + (f", dropped ({stats['dropped']})"
+        path = f" over {r.paths[peer]}" if peer in r.paths else ""
+        out.print(f"  {peer}: {stats['pieces']} pieces{path}" + (f", dropped ({stats['dropped']})"
                                                           if stats["dropped"] else ""), highlight=False)
 
 

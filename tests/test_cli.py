@@ -155,16 +155,19 @@ def test_ambiguous_prefix_lists_candidates(home):
     assert sorted(a["id"] for a in ls) == expected
 
 
-def test_fetch_json(tmp_path):
+@pytest.mark.parametrize(("bulk", "path"), [(None, "bulk-tls"), ("tcp", "bulk-tcp"), ("off", "streams")])
+def test_fetch_json(tmp_path, bulk, path):
     sm, pieces = fake_artifact(51, 3)
     proc, addr = serve_process(provider_home(tmp_path, "P", sm, pieces))
     try:
         home = tmp_path / "F"
         kvnet(home, "keygen")
-        r = kvnet(home, "fetch", "--bootstrap", addr, "--manifest", sm.id.hex(), "--json")
+        r = kvnet(home, "fetch", "--bootstrap", addr, "--manifest", sm.id.hex(), "--json",
+                  *(["--bulk", bulk] if bulk else []))
         got = json.loads(r.stdout)
         assert got["ok"] is True and got["error"] is None and got["manifest_id"] == sm.id.hex()
         assert got["fetched"] == len(pieces) and got["already_had"] == 0 and got["bytes"] == sm.manifest.total_bytes
+        assert [p["path"] for p in got["providers"].values()] == [path]  # --bulk picks how the bytes travel
         assert f"found {sm.id.hex()}" in r.stderr  # stdout holds only the JSON object
     finally:
         proc.terminate()

@@ -21,6 +21,7 @@ import trio
 from kvnet import identity
 from kvnet.errors import first_kvnet_error
 from kvnet.manifest import ManifestError
+from kvnet.p2p.bulk_wire import DEFAULT_MODE
 from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node, validate_bootstrap
 from kvnet.p2p.stats import STATS_INTERVAL_S, stats_loop
@@ -67,8 +68,11 @@ class FetchOutcome:
 async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes | None = None,
                 tokens: list[int] | None = None, min_tokens: int = 1,
                 on_piece: Callable[[int, int], None] | None = None,
-                on_found: Callable[[Found], None] | None = None) -> FetchOutcome:
+                on_found: Callable[[Found], None] | None = None,
+                bulk: str | None = DEFAULT_MODE) -> FetchOutcome:
     """Join the network, find a manifest (by id, or the longest prefix of `tokens`), fetch it, leave.
+
+    `bulk`: the bulk connection mode asked of providers ("tls", "tcp"), or None for libp2p streams only.
 
     A prefix covering fewer than `min_tokens` tokens is found but not fetched (we have as much).
     The node announces nothing (this process exits right after; a `kvnet serve` on the same home
@@ -93,7 +97,7 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
                 on_found(found)
             n = found.signed.manifest.n_tokens if manifest_id is not None else found.n_tokens
             try:
-                result = await node.fetch(found, n, on_piece=on_piece)
+                result = await node.fetch(found, n, on_piece=on_piece, bulk=bulk)
             except (FetchError, StoreError, ManifestError) as exc:
                 error = str(exc)
         nursery.cancel_scope.cancel()
