@@ -244,21 +244,21 @@ def parse_receipt(raw: bytes) -> SignedReceipt:
     return SignedReceipt(r, raw, b3(raw))
 
 
-def check_next(prev: Receipt | None, prev_id: bytes | None, sr: SignedReceipt) -> None:
-    """The rules between a channel's latest receipt `prev` (None: none yet) and the next one, `sr`.
-    Shared by the ledger and `verify_batch`, so both refuse exactly the same sequences."""
+def check_next(prev_seq: int, prev_cumulative: int, prev_id: bytes | None, sr: SignedReceipt) -> None:
+    """The rules between a channel's latest receipt (its seq, cumulative and id; seq 0: none yet) and the
+    next one, `sr`. Shared by the ledger and `verify_batch`, so both refuse exactly the same sequences."""
     r = sr.receipt
-    if prev is None:
+    if prev_seq == 0:
         _need(r.seq == 1, "skipped_sequence", f"the channel's first receipt must have seq 1, got {r.seq}")
         return  # seq 1: lines == cumulative was checked by parse_receipt
     _need(sr.id != prev_id, "replayed", f"this receipt (seq {r.seq}) was already accepted")
-    _need(r.seq != prev.seq, "repeated_sequence", f"seq {r.seq} is already used by another receipt")
-    _need(r.seq > prev.seq, "repeated_sequence", f"seq {r.seq} is below the channel's latest, {prev.seq}")
-    _need(r.seq == prev.seq + 1, "skipped_sequence", f"seq {r.seq} after {prev.seq}: expected {prev.seq + 1}")
-    _need(r.cumulative >= prev.cumulative, "lower_cumulative",
-          f"cumulative {r.cumulative} is below the previous {prev.cumulative}")
-    _need(r.cumulative == prev.cumulative + r.added, "lines_do_not_add_up",
-          f"previous {prev.cumulative} + lines {r.added} != cumulative {r.cumulative}")
+    _need(r.seq != prev_seq, "repeated_sequence", f"seq {r.seq} is already used by another receipt")
+    _need(r.seq > prev_seq, "repeated_sequence", f"seq {r.seq} is below the channel's latest, {prev_seq}")
+    _need(r.seq == prev_seq + 1, "skipped_sequence", f"seq {r.seq} after {prev_seq}: expected {prev_seq + 1}")
+    _need(r.cumulative >= prev_cumulative, "lower_cumulative",
+          f"cumulative {r.cumulative} is below the previous {prev_cumulative}")
+    _need(r.cumulative == prev_cumulative + r.added, "lines_do_not_add_up",
+          f"previous {prev_cumulative} + lines {r.added} != cumulative {r.cumulative}")
 
 
 # -- prices --------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def _verify_channel(rs: list[bytes], payee: bytes | None, seen: set[bytes]) -> C
               f"receipt seq {sr.receipt.seq} is made out to {sr.receipt.channel.payee.hex()[:16]}, not the payee")
         _need(sr.channel_id == cid, "wrong_channel", "a channel's list holds another channel's receipt")
         if prev is not None:
-            check_next(prev.receipt, prev.id, sr)
+            check_next(prev.receipt.seq, prev.receipt.cumulative, prev.id, sr)
         prev = sr
     assert prev is not None
     a = first.receipt

@@ -162,7 +162,7 @@ def test_the_first_receipt_lines_must_add_up(payer, channel):
 def test_check_next_names_each_rule(payer, channel):
     r1 = receipts.sign_receipt(payer, channel, 1, 5, _lines(5))
     r2 = receipts.sign_receipt(payer, channel, 2, 8, _lines(3))
-    receipts.check_next(r1.receipt, r1.id, r2)
+    receipts.check_next(1, 5, r1.id, r2)
     cases = {
         "replayed": r1,
         "repeated_sequence": receipts.sign_receipt(payer, channel, 1, 5, _lines(2, 3)),
@@ -172,10 +172,10 @@ def test_check_next_names_each_rule(payer, channel):
     }
     for rule, sr in cases.items():
         with pytest.raises(ReceiptError) as exc:
-            receipts.check_next(r1.receipt, r1.id, sr)
+            receipts.check_next(1, 5, r1.id, sr)
         assert _rule(exc) == rule
     with pytest.raises(ReceiptError) as exc:
-        receipts.check_next(None, None, r2)
+        receipts.check_next(0, 0, None, r2)
     assert _rule(exc) == "skipped_sequence"
 
 

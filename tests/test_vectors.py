@@ -136,10 +136,11 @@ def test_payment_vectors_parse_chain_and_settle():
     assert [sr.id.hex() for sr in signed] == [r["receipt_id"] for r in v["receipts"]]
     assert all(sr.channel_id.hex() == v["channel_id"] for sr in signed)
     for prev, nxt in zip(signed, signed[1:], strict=False):
-        receipts.check_next(prev.receipt, prev.id, nxt)
+        receipts.check_next(prev.receipt.seq, prev.receipt.cumulative, prev.id, nxt)
     for rule, hx in v["refused_after_receipt_2"].items():
         with pytest.raises(receipts.ReceiptError) as exc:
-            receipts.check_next(signed[1].receipt, signed[1].id, receipts.parse_receipt(bytes.fromhex(hx)))
+            second = signed[1].receipt
+            receipts.check_next(second.seq, second.cumulative, signed[1].id, receipts.parse_receipt(bytes.fromhex(hx)))
         assert exc.value.rule == rule
     owed = receipts.verify_batch(bytes.fromhex(v["batch_hex"])).owed()
     assert [{"payer": p.hex(), "currency": c, "amount": a} for (p, c), a in owed.items()] == v["batch_owed"]
