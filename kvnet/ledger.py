@@ -203,11 +203,11 @@ class Ledger:
                f"expected {expect_payee.hex()[:16]}")
         _check(expect_payer is None or ch.payer == expect_payer, "wrong_payer",
                "signed by a key other than the sending peer's")
+        _check(ch.payer != self.me, "wrong_payer", "a receipt we signed ourselves is not a payment to us")
         _check(expect_channel is None or sr.channel_id == expect_channel, "wrong_channel",
                "the receipt is for another channel")
         _check(expect_currency is None or ch.currency == expect_currency, "wrong_currency",
                f"currency {ch.currency!r}, expected {expect_currency!r}")
-        _check(ch.payer != self.me, "wrong_payer", "a receipt we signed ourselves is not a payment to us")
         with self._write():
             if self.db.execute("SELECT 1 FROM receipts WHERE id=?", (sr.id,)).fetchone() is not None:
                 raise ReceiptError("replayed", f"receipt seq {sr.receipt.seq} was already accepted")

@@ -176,8 +176,8 @@ def _check_line(i: int, d: Any) -> Line:
     return Line(d["manifest"], kind, d[unit], d["amount"])
 
 
-def _validate(r: Receipt) -> None:
-    """What one receipt must satisfy on its own, whoever made it."""
+def _validate_shape(r: Receipt) -> None:
+    """Version, channel fields, ranges and lines: the `malformed` rules (docs/payments.md)."""
     _need(r.version == FORMAT_VERSION, "unsupported_version", f"format version {r.version}, expected 1")
     _check_channel_fields(r.channel.to_map())
     _need(_is_int(r.seq) and 1 <= r.seq <= MAX_AMOUNT, "malformed", "seq must be an int >= 1")
@@ -187,6 +187,10 @@ def _validate(r: Receipt) -> None:
     _need(0 < len(r.lines) <= MAX_LINES, "malformed", f"a receipt has 1..{MAX_LINES} lines")
     for i, line in enumerate(r.lines):
         _check_line(i, line.to_map())
+
+
+def _validate_sums(r: Receipt) -> None:
+    """What the lines of one receipt must add up to, without its predecessor."""
     _need(r.added <= r.cumulative, "lines_do_not_add_up",
           f"lines add {r.added}, more than the cumulative amount {r.cumulative}")
     _need(r.seq != 1 or r.added == r.cumulative, "lines_do_not_add_up",
@@ -199,7 +203,8 @@ def sign_receipt(key: Ed25519PrivateKey, channel: Channel, seq: int, cumulative:
     that is the ledger's job (`Ledger.pay` picks seq and cumulative)."""
     _need(identity.public_bytes(key) == channel.payer, "bad_signature", "the signing key is not the channel's payer")
     r = Receipt(channel, seq, cumulative, tuple(lines), int(time.time()) if when is None else when)
-    _validate(r)
+    _validate_shape(r)
+    _validate_sums(r)
     body = canonical.encode(r.body())
     raw = canonical.encode({**r.body(), "sig": key.sign(SIG_DOMAIN + body)})
     _need(len(raw) <= MAX_RECEIPT_BYTES, "oversized", f"receipt is {len(raw)} bytes, limit {MAX_RECEIPT_BYTES}")
@@ -233,14 +238,15 @@ def parse_receipt(raw: bytes) -> SignedReceipt:
     _need(d["v"] == FORMAT_VERSION, "unsupported_version", f"format version {d['v']}, expected 1")
     _check_channel_fields(d)
     channel = Channel(d["payer"], d["payee"], d["currency"], d["nonce"])
-    _need(channel.id == d["channel"], "wrong_channel",
-          "channel id is not BLAKE3 of the channel map (payer, payee, currency, nonce)")
     _need(0 < len(d["lines"]) <= MAX_LINES, "malformed", f"a receipt has 1..{MAX_LINES} lines")
     lines = tuple(_check_line(i, x) for i, x in enumerate(d["lines"]))
     r = Receipt(channel, d["seq"], d["cumulative"], lines, d["time"], d["v"])
+    _validate_shape(r)
+    _need(channel.id == d["channel"], "wrong_channel",
+          "channel id is not BLAKE3 of the channel map (payer, payee, currency, nonce)")
     _need(identity.verify(channel.payer, d["sig"], SIG_DOMAIN + canonical.encode(r.body())), "bad_signature",
           "signature does not verify against the payer key")
-    _validate(r)
+    _validate_sums(r)
     return SignedReceipt(r, raw, b3(raw))
 
 
