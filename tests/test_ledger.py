@@ -215,6 +215,63 @@ def test_a_payer_killed_while_paying_never_reuses_a_sequence(tmp_path, keys):
         assert len(sent) >= 60 and mine.seq >= len(sent)
 
 
+PAYEE_LOOP = r"""
+import struct, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kvnet.ledger import Ledger
+from kvnet.receipts import ReceiptError
+key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(sys.argv[1]))
+spool = Path(sys.argv[2])
+led = Ledger(spool.parent / "payee.sqlite", key)
+data, i = spool.read_bytes(), 0
+while i < len(data):
+    (n,) = struct.unpack(">I", data[i : i + 4])
+    raw, i = data[i + 4 : i + 4 + n], i + 4 + n
+    try:
+        sr = led.accept(raw, led.me)
+    except ReceiptError as exc:
+        if exc.rule != "replayed":  # a restart sees its durable receipts again: nothing counted twice
+            raise
+        continue
+    print(sr.receipt.seq, flush=True)  # the credit this receipt buys is used only after accept returned
+led.close()
+"""
+
+
+def test_a_payee_killed_while_accepting_loses_no_acknowledged_receipt(tmp_path, keys):
+    from cryptography.hazmat.primitives import serialization
+
+    a, b = keys
+    n = 400
+    with Ledger(tmp_path / "payer.sqlite", a) as payer:
+        ch = payer.open_channel(identity.public_bytes(b), "USD")
+        sent = [payer.pay(ch, _host(3)).raw for _ in range(n)]
+    (tmp_path / "spool").write_bytes(b"".join(struct.pack(">I", len(r)) + r for r in sent))
+    key_hex = b.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                              serialization.NoEncryption()).hex()
+    cmd = [sys.executable, "-c", PAYEE_LOOP, key_hex, str(tmp_path / "spool")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked = 0
+    for line in proc.stdout:  # bounded: the loop ends after n receipts at most
+        acked = int(line)
+        if acked >= 50:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert 50 <= acked < n, "the payee finished before it could be killed"
+    with Ledger(tmp_path / "payee.sqlite", b) as payee:
+        assert payee.latest(ch.id).seq >= acked  # every receipt it acted on is on disk
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with Ledger(tmp_path / "payee.sqlite", b) as payee:
+        latest = payee.latest(ch.id)
+        assert (latest.seq, latest.cumulative) == (n, 3 * n)
+        assert payee.db.execute("SELECT COUNT(*), SUM(added) FROM receipts").fetchone() == (n, 3 * n)
+
+
 def test_a_committed_receipt_survives_closing_without_checkpoint(tmp_path, keys):
     """WAL + synchronous=FULL: a second connection (another process would do the same) sees it."""
     a, b = keys
