@@ -27,7 +27,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet import canonical, identity
-from kvnet.errors import KvnetError
+from kvnet.errors import InputError, KvnetError
 from kvnet.hashing import b3
 
 FORMAT_VERSION = 1
@@ -274,14 +274,14 @@ def hosting_cost(n_bytes: int, fee_per_mib: int) -> int:
     """Hosting charge for `n_bytes` at `fee_per_mib` micro-units per MiB (2^20 bytes), rounded UP to
     the next micro-unit: ceil(n_bytes * fee_per_mib / 2^20). Integer arithmetic, the same everywhere."""
     if n_bytes < 0 or fee_per_mib < 0:
-        raise ValueError("bytes and fee must be >= 0")
+        raise InputError(f"hosting cost of {n_bytes} bytes at {fee_per_mib}/MiB: both must be >= 0")
     return (n_bytes * fee_per_mib + MIB - 1) // MIB
 
 
 def license_cost(loads: int, price_per_load: int) -> int:
     """License charge for `loads` loads at the manifest's `price_per_load`."""
     if loads < 0 or price_per_load < 0:
-        raise ValueError("loads and price must be >= 0")
+        raise InputError(f"license cost of {loads} loads at {price_per_load}: both must be >= 0")
     return loads * price_per_load
 
 
