@@ -1,6 +1,6 @@
 """Independent checker for docs/vectors.json and docs/chain-vectors.json.
 
-Written from docs/artifact.md and docs/protocol.md alone: it NEVER imports kvnet. It needs only the
+Written from docs/artifact.md, docs/protocol.md and docs/payments.md alone: it NEVER imports kvnet. It needs only the
 standard library and the `blake3`, `msgpack` (used only to split bytes into values; every encoding
 is checked by the hand-written canonical encoder below) and `cryptography` packages.
 
@@ -41,6 +41,13 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt
             "added_tokens.json", "tokenizer.model")
 CHAIN_DOMAIN = b"kvnet/chain/v1\x00"
 MANIFEST_DOMAIN = b"kvnet/manifest/v1\x00"
+CHANNEL_DOMAIN = "kvnet/channel/v1"
+RECEIPT_DOMAIN = b"kvnet/receipt/v1\x00"
+BATCH_DOMAIN = "kvnet/settlement-batch/v1"
+RECEIPT_FIELDS = ("channel", "cumulative", "currency", "lines", "nonce", "payee", "payer", "seq", "sig", "time", "v")
+LINE_UNITS = {"hosting": "bytes", "license": "loads"}
+MAX_RECEIPT_BYTES = 8192
+MAX_LINES = 64
 KV_DTYPE_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                   "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -359,6 +366,125 @@ def check_wire(c: Checker, frames: list[dict[str, Any]], man: dict[str, Any]) ->
     c.eq("piece bytes", b3(raw), body["pieces"][0])
 
 
+def _public(private_hex: str) -> bytes:
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(private_hex))
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def receipt_problem(raw: bytes) -> str | None:
+    """The stateless rules of docs/payments.md, "Receipt": None if `raw` is a valid receipt, else the rule."""
+    if len(raw) > MAX_RECEIPT_BYTES:
+        return "oversized"
+    try:
+        d = dec(raw)
+    except ValueError:
+        return "non_canonical"
+    if not isinstance(d, dict) or tuple(sorted(d)) != RECEIPT_FIELDS or d["v"] != 1:
+        return "malformed"
+    channel = {"domain": CHANNEL_DOMAIN, "payer": d["payer"], "payee": d["payee"], "currency": d["currency"],
+               "nonce": d["nonce"]}
+    if b3(enc(channel)) != d["channel"]:
+        return "wrong_channel"
+    lines = d["lines"]
+    if not 0 < len(lines) <= MAX_LINES or any(set(ln) != {"manifest", "kind", LINE_UNITS.get(ln.get("kind")),
+                                                          "amount"} for ln in lines):
+        return "malformed"
+    body = {k: v for k, v in d.items() if k != "sig"}
+    try:
+        Ed25519PublicKey.from_public_bytes(d["payer"]).verify(d["sig"], RECEIPT_DOMAIN + enc(body))
+    except Exception:
+        return "bad_signature"
+    added = sum(ln["amount"] for ln in lines)
+    if added > d["cumulative"] or (d["seq"] == 1 and added != d["cumulative"]):
+        return "lines_do_not_add_up"
+    return None
+
+
+def next_problem(prev_raw: bytes, raw: bytes) -> str | None:
+    """The rules between a channel's latest receipt and the next one (docs/payments.md, "Accepting")."""
+    prev, r = dec(prev_raw), dec(raw)
+    if raw == prev_raw:
+        return "replayed"
+    if r["seq"] <= prev["seq"]:
+        return "repeated_sequence"
+    if r["seq"] != prev["seq"] + 1:
+        return "skipped_sequence"
+    if r["cumulative"] < prev["cumulative"]:
+        return "lower_cumulative"
+    if r["cumulative"] != prev["cumulative"] + sum(ln["amount"] for ln in r["lines"]):
+        return "lines_do_not_add_up"
+    return None
+
+
+def check_payments(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> None:
+    payer, payee = _public(v["payer_private_key"]), _public(v["payee_private_key"])
+    channel = from_typed(v["channel"])
+    c.eq("channel map", channel, {"domain": CHANNEL_DOMAIN, "payer": payer, "payee": payee, "currency": "USD",
+                                  "nonce": channel["nonce"]})
+    c.eq("channel bytes", enc(channel).hex(), v["channel_hex"])
+    c.eq("channel id", b3(enc(channel)).hex(), v["channel_id"])
+    c.eq("receipt signing domain", bytes.fromhex(v["signing_domain_hex"]), RECEIPT_DOMAIN)
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["payer_private_key"]))
+    terms = from_typed(man["body"])["terms"]
+    cumulative, prev = 0, None
+    for i, rv in enumerate(v["receipts"], start=1):
+        body = from_typed(rv["body"])
+        c.eq(f"receipt {i} channel fields", {k: body[k] for k in ("payer", "payee", "currency", "nonce")},
+             {k: channel[k] for k in ("payer", "payee", "currency", "nonce")})
+        c.eq(f"receipt {i} channel id", body["channel"].hex(), v["channel_id"])
+        c.eq(f"receipt {i} seq", body["seq"], i)
+        for ln in body["lines"]:
+            want = (ln["bytes"] * v["fee_per_mib"] + (1 << 20) - 1) // (1 << 20) if ln["kind"] == "hosting" \
+                else ln["loads"] * terms["price_per_load"]
+            c.eq(f"receipt {i} line price", ln["amount"], want)
+            c.eq(f"receipt {i} line manifest", ln["manifest"].hex(), man["manifest_id"])
+        cumulative += sum(ln["amount"] for ln in body["lines"])
+        c.eq(f"receipt {i} cumulative", body["cumulative"], cumulative)
+        c.eq(f"receipt {i} body bytes", enc(body).hex(), rv["body_hex"])
+        sig = key.sign(RECEIPT_DOMAIN + enc(body))
+        c.eq(f"receipt {i} signature", sig.hex(), rv["sig"])
+        signed = enc({**body, "sig": sig})
+        c.eq(f"receipt {i} signed bytes", signed.hex(), rv["signed_hex"])
+        c.eq(f"receipt {i} id", b3(signed).hex(), rv["receipt_id"])
+        c.eq(f"receipt {i} valid", receipt_problem(bytes.fromhex(rv["signed_hex"])), None)
+        if prev is not None:
+            c.eq(f"receipt {i} follows {i - 1}", next_problem(prev, signed), None)
+        prev = signed
+    second = bytes.fromhex(v["receipts"][1]["signed_hex"])
+    for rule, hx in v["refused_after_receipt_2"].items():
+        raw = bytes.fromhex(hx)
+        c.eq(f"refused {rule}", receipt_problem(raw) or next_problem(second, raw), rule)
+    tampered = bytearray(second)
+    tampered[second.index(dec(second)["sig"])] ^= 1  # one bit of the signature
+    c.eq("tampered receipt", receipt_problem(bytes(tampered)), "bad_signature")
+    check_batch(c, v)
+    for case in v["hosting_cost"]:
+        c.eq(f"hosting cost {case['bytes']} B at {case['fee_per_mib']}",
+             (case["bytes"] * case["fee_per_mib"] + (1 << 20) - 1) // (1 << 20), case["cost"])
+    c.eq("payment limits", v["limits"], {"max_receipt_bytes": MAX_RECEIPT_BYTES, "max_lines": MAX_LINES,
+                                         "nonce_bytes": 16, "max_currency_bytes": 16})
+
+
+def check_batch(c: Checker, v: dict[str, Any]) -> None:
+    """A settlement batch, checked as a settlement service would: nothing but the file's bytes."""
+    batch = dec(bytes.fromhex(v["batch_hex"]))
+    c.eq("batch keys", sorted(batch), ["channels", "created", "domain", "payee", "v"])
+    c.eq("batch domain", (batch["domain"], batch["v"]), (BATCH_DOMAIN, 1))
+    c.eq("batch receipts", [r.hex() for r in batch["channels"][0]], [r["signed_hex"] for r in v["receipts"]])
+    owed: dict[tuple[str, str], int] = {}
+    for receipts_of_channel in batch["channels"]:
+        for i, raw in enumerate(receipts_of_channel):
+            c.eq(f"batch receipt {i} valid", receipt_problem(raw), None)
+            c.eq(f"batch receipt {i} payee", dec(raw)["payee"], batch["payee"])
+            if i:
+                c.eq(f"batch receipt {i} follows", next_problem(receipts_of_channel[i - 1], raw), None)
+        latest = dec(receipts_of_channel[-1])
+        k = (latest["payer"].hex(), latest["currency"])
+        owed[k] = owed.get(k, 0) + latest["cumulative"]
+    c.eq("batch owed", [{"payer": p, "currency": cur, "amount": a} for (p, cur), a in sorted(owed.items())],
+         v["batch_owed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=Path, default=HERE / "vectors.json")
@@ -378,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     c.run("chain", lambda: check_chain(c, v["chain"], args.chain))
     c.run("manifest", lambda: check_manifest(c, v["manifest"], v["model_id"]["model_id"]["bf16"]))
     c.run("wire", lambda: check_wire(c, v["wire"], v["manifest"]))
+    c.run("payments", lambda: check_payments(c, v["payments"], v["manifest"]))
     for f in c.failures:
         print(f"FAIL: {f}")
     if c.failures:

@@ -1,4 +1,5 @@
-"""Regenerate docs/vectors.json: test vectors for every format in docs/artifact.md and docs/protocol.md.
+"""Regenerate docs/vectors.json: test vectors for every format in docs/artifact.md, docs/protocol.md and
+docs/payments.md.
 
     .venv/bin/python docs/make_vectors.py          # rewrites docs/vectors.json
     python3 docs/check_vectors.py                  # recomputes them without kvnet
@@ -22,13 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from kvnet import canonical, chain, identity, manifest, models  # noqa: E402
+from kvnet import canonical, chain, identity, manifest, models, receipts  # noqa: E402
 from kvnet.hashing import b3  # noqa: E402
 from kvnet.p2p import wire  # noqa: E402
 from kvnet.tokenizer import HF_IDENTITY_NAME, ByteTokenizer, encode_chat  # noqa: E402
 
 OUT = Path(__file__).with_name("vectors.json")
 TEST_PRIVATE_KEY = bytes(range(32))
+PAYEE_PRIVATE_KEY = bytes(range(32, 64))
+CHANNEL_NONCE = bytes(range(0xA0, 0xB0))
 
 
 def typed(v: Any) -> Any:
@@ -238,11 +241,63 @@ def wire_vectors(sm: manifest.SignedManifest, artifact: bytes) -> list[dict[str,
     ]
 
 
+def _receipt_vector(sr: receipts.SignedReceipt) -> dict[str, Any]:
+    body = sr.receipt.body()
+    return {"body": typed(body), "body_hex": canonical.encode(body).hex(), "sig": canonical.decode(sr.raw)["sig"].hex(),
+            "signed_hex": sr.raw.hex(), "receipt_id": sr.id.hex()}
+
+
+def payment_vectors(sm: manifest.SignedManifest) -> dict[str, Any]:
+    """A channel, three consecutive receipts on it (hosting and license lines for the vector manifest),
+    a settlement batch of them, price cases and refused successors (docs/payments.md)."""
+    payer = Ed25519PrivateKey.from_private_bytes(TEST_PRIVATE_KEY)
+    payee = Ed25519PrivateKey.from_private_bytes(PAYEE_PRIVATE_KEY)
+    ch = receipts.Channel(identity.public_bytes(payer), identity.public_bytes(payee), "USD", CHANNEL_NONCE)
+    fee, price, mid = 40, sm.manifest.terms.price_per_load, sm.id
+    sizes = [sm.manifest.piece_len(i) for i in range(len(sm.manifest.pieces))]
+    host = [receipts.Line(mid, "hosting", n, receipts.hosting_cost(n, fee)) for n in sizes]
+    load = receipts.Line(mid, "license", 1, receipts.license_cost(1, price))
+    plan = [[load, host[0]], host[1:], [load]]  # a load paid and its pieces as they arrive; then a second load
+    signed, total = [], 0
+    for seq, lines in enumerate(plan, start=1):
+        total += sum(line.amount for line in lines)
+        signed.append(receipts.sign_receipt(payer, ch, seq, total, lines, when=1_800_000_000 + 60 * seq))
+    last = signed[-1]
+    bad = {  # successors of receipt 2 that a payee refuses, each with the rule it breaks
+        "replayed": signed[1],
+        "repeated_sequence": receipts.sign_receipt(payer, ch, 2, last.receipt.cumulative, host[:1], when=1),
+        "skipped_sequence": receipts.sign_receipt(payer, ch, 4, last.receipt.cumulative, host[:1], when=1),
+        "lower_cumulative": receipts.sign_receipt(payer, ch, 3, signed[1].receipt.cumulative - 1,
+                                                  [receipts.Line(mid, "hosting", 1, 0)], when=1),
+        "lines_do_not_add_up": receipts.sign_receipt(payer, ch, 3, last.receipt.cumulative + 1, host[:1], when=1),
+    }
+    batch = receipts.encode_batch(ch.payee, 1_800_001_000, [[sr.raw for sr in signed]])
+    owed = receipts.verify_batch(batch).owed()
+    return {
+        "payer_private_key": TEST_PRIVATE_KEY.hex(),
+        "payee_private_key": PAYEE_PRIVATE_KEY.hex(),
+        "channel": typed(ch.to_map()),
+        "channel_hex": canonical.encode(ch.to_map()).hex(),
+        "channel_id": ch.id.hex(),
+        "signing_domain_hex": receipts.SIG_DOMAIN.hex(),
+        "fee_per_mib": fee,
+        "receipts": [_receipt_vector(sr) for sr in signed],
+        "refused_after_receipt_2": {rule: sr.raw.hex() for rule, sr in bad.items()},
+        "batch_hex": batch.hex(),
+        "batch_owed": [{"payer": p.hex(), "currency": c, "amount": a} for (p, c), a in sorted(owed.items())],
+        "hosting_cost": [{"bytes": n, "fee_per_mib": f, "cost": receipts.hosting_cost(n, f)}
+                         for n, f in ((0, 40), (1, 1), (512, 40), (1 << 20, 40), ((1 << 20) + 1, 40),
+                                      (3 << 19, 3), (256 << 20, 7), (10**12, 999_999))],
+        "limits": {"max_receipt_bytes": receipts.MAX_RECEIPT_BYTES, "max_lines": receipts.MAX_LINES,
+                   "nonce_bytes": receipts.NONCE_BYTES, "max_currency_bytes": receipts.MAX_CURRENCY_BYTES},
+    }
+
+
 def build() -> dict[str, Any]:
     model = model_vectors()
     man, artifact, sm = manifest_vectors(bytes.fromhex(model["model_id"]["bf16"]))
     return {
-        "about": "kvnet format test vectors (docs/artifact.md, docs/protocol.md). Regenerate with "
+        "about": "kvnet format test vectors (docs/artifact.md, docs/protocol.md, docs/payments.md). Regenerate with "
                  "`.venv/bin/python docs/make_vectors.py`; check without kvnet with `python3 docs/check_vectors.py "
                  "[--weights <tiny>/model.safetensors]`. Values use the typed JSON form of make_vectors.py.",
         "canonical": {"cases": canonical_cases(), "non_canonical_hex": NON_CANONICAL},
@@ -252,6 +307,7 @@ def build() -> dict[str, Any]:
         "chain": {"file": "chain-vectors.json", "domain_hex": chain.DOMAIN.hex()},
         "manifest": man,
         "wire": wire_vectors(sm, artifact),
+        "payments": payment_vectors(sm),
     }
 
 

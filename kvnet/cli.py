@@ -1,4 +1,4 @@
-"""The `kvnet` command: keys, publish, list, show, verify, rm, gc, generate, exactness; serve and fetch.
+"""The `kvnet` command: keys, publish, list, show, verify, rm, gc, generate, exactness; serve and fetch; ledger.
 
 Every deliberate failure (a `KvnetError`, also when trio wraps it in an ExceptionGroup) becomes one
 line `error: ...` on stderr and exit code 1; a traceback means a bug. Inputs are checked before the
@@ -613,6 +613,127 @@ def _fetch_report(outcome, as_json: bool) -> None:
         path = f" over {r.paths[peer]}" if peer in r.paths else ""
         out.print(f"  {peer}: {stats['pieces']} pieces{path}" + (f", dropped ({stats['dropped']})"
                                                           if stats["dropped"] else ""), highlight=False)
+
+
+# -- the ledger ---------------------------------------------------------------------------------------
+
+ledger_app = typer.Typer(cls=_Group, no_args_is_help=False, invoke_without_command=True,
+                         help="Payments: balances, settlement batches (docs/payments.md).")
+app.add_typer(ledger_app, name="ledger")
+
+
+def _open_ledger(home: Path, write: bool = False):
+    """The home's ledger, or None if there is none yet (a fresh home has paid and been paid nothing)."""
+    from kvnet.ledger import Ledger
+
+    path = home / "ledger.sqlite"
+    if not path.exists():
+        return None
+    return Ledger(path, read_only=not write)
+
+
+def _print_balances(b: dict[str, list[dict[str, Any]]]) -> None:
+    peers = Table("peer", "role", "currency", "channels", "receipts", "amount", "debtor", title="per peer")
+    for r in b["peers"]:
+        peers.add_row(r["peer"][:16], r["role"], r["currency"], str(r["channels"]), str(r["receipts"]),
+                      f"{r['amount']:,}", "yes" if r["debtor"] else "")
+    pubs = Table("publisher", "role", "currency", "loads", "amount", title="license, per publisher")
+    for r in b["publishers"]:
+        pubs.add_row(r["publisher"][:16], r["role"], r["currency"], str(r["loads"]), f"{r['amount']:,}")
+    mans = Table("manifest", "role", "kind", "currency", "bytes / loads", "amount", title="per manifest")
+    for r in b["manifests"]:
+        mans.add_row(r["manifest"][:16], r["role"], r["kind"], r["currency"], f"{r['units']:,}", f"{r['amount']:,}")
+    for t in (peers, pubs, mans):
+        out.print(t)
+    out.print("roles: out = we pay, in = we are paid, held = kept for the payee (license receipts); "
+              "amounts in micro-units", highlight=False)
+
+
+@ledger_app.callback()
+def ledger(ctx: typer.Context, home: Home = DEFAULT_HOME, as_json: JsonOpt = False,
+           log_level: LogLevel = Level.warning):
+    """Balances per peer, per publisher and per manifest, from <home>/ledger.sqlite."""
+    if ctx.invoked_subcommand is not None:
+        return
+    led = _open_ledger(home)
+    if led is None:
+        balances: dict[str, list[dict[str, Any]]] = {"peers": [], "publishers": [], "manifests": []}
+        debtors: list[dict[str, Any]] = []
+    else:
+        with led:
+            balances, debtors = led.balances(), led.debtors()
+    if as_json:
+        _emit_json({**balances, "debtors": _hexify(debtors)})
+        return
+    _print_balances(balances)
+
+
+@ledger_app.command("export")
+def ledger_export(
+    out_file: Annotated[Path, typer.Argument(dir_okay=False, help="Where to write the batch.")],
+    home: Home = DEFAULT_HOME,
+    since: Annotated[int | None, typer.Option(min=0, help="Only receipts timed at or after these unix "
+                                                           "seconds (plus each channel's anchor).")] = None,
+    held: Annotated[bool, typer.Option(help="Export the license receipts held for publishers instead of "
+                                            "those made out to this node.")] = False,
+    log_level: LogLevel = Level.warning,
+):
+    """Write a settlement batch: each channel's latest receipt and the receipts that add up to it."""
+    from kvnet.receipts import verify_batch
+
+    led = _open_ledger(home)
+    if led is None:
+        raise _fail(f"no ledger at {home / 'ledger.sqlite'}: this node has no receipts to export")
+    with led:
+        raw = led.export(since=since, role="held" if held else "in")
+    summary = verify_batch(raw)  # what we write must pass the offline check
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    try:
+        tmp.write_bytes(raw)
+        os.replace(tmp, out_file)
+    except OSError as exc:
+        raise _fail(f"cannot write {out_file}: {exc.strerror or exc}") from exc
+    out.print(f"wrote {out_file}: {len(summary.channels)} channels, {len(raw):,} bytes", highlight=False)
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A batch from `kvnet ledger export`.")],
+    payee: Annotated[str | None, typer.Option(help="Require every receipt to be made out to this key "
+                                                   "(64 hex digits).")] = None,
+    as_json: JsonOpt = False,
+    log_level: LogLevel = Level.warning,
+):
+    """Check a settlement batch offline (no node, no store): signatures, sequences, sums, payee; print
+    the amount owed per payer."""
+    from kvnet.receipts import verify_batch
+
+    want = None
+    if payee is not None:
+        try:
+            want = bytes.fromhex(payee)
+        except ValueError:
+            want = b""
+        if len(want) != 32:
+            raise _fail("--payee takes a 64-hex-digit public key")
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read {file}: {exc.strerror or exc}") from exc
+    s = verify_batch(raw, want)
+    owed = [{"payer": p.hex(), "currency": c, "amount": a} for (p, c), a in sorted(s.owed().items())]
+    if as_json:
+        _emit_json({"ok": True, "payee": s.payee.hex() if s.payee else None, "created": s.created, "owed": owed,
+                    "channels": [{"channel": c.channel.id.hex(), "payer": c.channel.payer.hex(),
+                                  "payee": c.channel.payee.hex(), "currency": c.channel.currency,
+                                  "first_seq": c.first_seq, "latest_seq": c.latest_seq,
+                                  "from_cumulative": c.from_cumulative, "cumulative": c.cumulative}
+                                 for c in s.channels]})
+        return
+    table = Table("payer", "currency", "owed", title=f"batch ok: {len(s.channels)} channels")
+    for o in owed:
+        table.add_row(o["payer"][:16], o["currency"], f"{o['amount']:,}")
+    out.print(table)
 
 
 # -- the experiment ----------------------------------------------------------------------------------

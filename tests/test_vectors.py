@@ -19,7 +19,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvnet import canonical, manifest, models
+from kvnet import canonical, manifest, models, receipts
 from kvnet.p2p import wire
 from kvnet.tokenizer import ByteTokenizer, encode_chat
 
@@ -130,6 +130,23 @@ def test_manifest_vector_signs_and_parses():
     assert manifest.SIG_DOMAIN.hex() == v["signing_domain_hex"]
 
 
+def test_payment_vectors_parse_chain_and_settle():
+    v = VECTORS["payments"]
+    signed = [receipts.parse_receipt(bytes.fromhex(r["signed_hex"])) for r in v["receipts"]]
+    assert [sr.id.hex() for sr in signed] == [r["receipt_id"] for r in v["receipts"]]
+    assert all(sr.channel_id.hex() == v["channel_id"] for sr in signed)
+    for prev, nxt in zip(signed, signed[1:], strict=False):
+        receipts.check_next(prev.receipt.seq, prev.receipt.cumulative, prev.id, nxt)
+    for rule, hx in v["refused_after_receipt_2"].items():
+        with pytest.raises(receipts.ReceiptError) as exc:
+            second = signed[1].receipt
+            receipts.check_next(second.seq, second.cumulative, signed[1].id, receipts.parse_receipt(bytes.fromhex(hx)))
+        assert exc.value.rule == rule
+    owed = receipts.verify_batch(bytes.fromhex(v["batch_hex"])).owed()
+    assert [{"payer": p.hex(), "currency": c, "amount": a} for (p, c), a in owed.items()] == v["batch_owed"]
+    assert all(receipts.hosting_cost(c["bytes"], c["fee_per_mib"]) == c["cost"] for c in v["hosting_cost"])
+
+
 class _BytesStream:
     """A stream that yields fixed bytes in small reads (a real libp2p stream may split them anyhow)."""
 
@@ -188,6 +205,8 @@ CORRUPTIONS: dict[str, tuple[tuple[Any, ...], Any, str]] = {
     "wire frame": (("wire", 2, "frame_hex"), _corrupt_hex, "frame pieces request"),
     "canonical case": (("canonical", "cases", 2, "hex"), lambda _: "d080", "canonical int 128"),
     "ignored config keys": (("config", "ignored_keys"), lambda keys: [*keys, "rope_theta"], "config ignored keys"),
+    "receipt signature": (("payments", "receipts", 1, "sig"), _corrupt_hex, "receipt 2 signature"),
+    "batch owed": (("payments", "batch_owed", 0, "amount"), lambda a: a + 1, "batch owed"),
 }
 
 
