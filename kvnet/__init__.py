@@ -47,6 +47,10 @@ _EXPORTS: dict[str, str] = {
     "publish_tokens": "kvnet.publish",
     "answer": "kvnet.reuse",
     "Node": "kvnet.p2p.node",
+    "ReceiptError": "kvnet.receipts",
+    "Ledger": "kvnet.ledger",
+    "SpendingLimits": "kvnet.ledger",
+    "SpendingLimitError": "kvnet.ledger",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -90,6 +90,8 @@ def _log_level(value: Level) -> Level:
 
 
 Home = Annotated[Path, typer.Option("--home", envvar="KVNET_HOME", help="Node directory: key and store.")]
+SubHome = Annotated[Path | None, typer.Option("--home", help="Node directory (default: the group's --home, "
+                                                                 "which defaults to $KVNET_HOME, then ~/.kvnet).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF folder, or tiny / qwen3-0.6b-shape / "
                                         "qwen3-4b-shape.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (default) or fp32.")]
@@ -653,6 +655,7 @@ def _print_balances(b: dict[str, list[dict[str, Any]]]) -> None:
 def ledger(ctx: typer.Context, home: Home = DEFAULT_HOME, as_json: JsonOpt = False,
            log_level: LogLevel = Level.warning):
     """Balances per peer, per publisher and per manifest, from <home>/ledger.sqlite."""
+    ctx.obj = {"home": home}  # `kvnet ledger --home H export OUT` means H, as `export --home H` does
     if ctx.invoked_subcommand is not None:
         return
     led = _open_ledger(home)
@@ -670,8 +673,9 @@ def ledger(ctx: typer.Context, home: Home = DEFAULT_HOME, as_json: JsonOpt = Fal
 
 @ledger_app.command("export")
 def ledger_export(
+    ctx: typer.Context,
     out_file: Annotated[Path, typer.Argument(dir_okay=False, help="Where to write the batch.")],
-    home: Home = DEFAULT_HOME,
+    home: SubHome = None,
     since: Annotated[int | None, typer.Option(min=0, help="Only receipts timed at or after these unix "
                                                            "seconds (plus each channel's anchor).")] = None,
     held: Annotated[bool, typer.Option(help="Export the license receipts held for publishers instead of "
@@ -681,6 +685,7 @@ def ledger_export(
     """Write a settlement batch: each channel's latest receipt and the receipts that add up to it."""
     from kvnet.receipts import verify_batch
 
+    home = home or (ctx.obj or {}).get("home", DEFAULT_HOME)
     led = _open_ledger(home)
     if led is None:
         raise _fail(f"no ledger at {home / 'ledger.sqlite'}: this node has no receipts to export")

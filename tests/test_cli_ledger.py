@@ -75,6 +75,9 @@ def test_export_then_verify_in_a_fresh_process_with_an_empty_home(paid_home, tmp
     batch = tmp_path / "batch.kvb"
     res = kvnet(home, "ledger", "export", str(batch))
     assert "2 channels" in res.stdout
+    # --home before the subcommand names the same home (KVNET_HOME points elsewhere here)
+    before = kvnet(tmp_path / "nowhere", "ledger", "--home", str(home), "export", str(tmp_path / "b2.kvb"))
+    assert "2 channels" in before.stdout and (tmp_path / "b2.kvb").read_bytes() == batch.read_bytes()
     empty = tmp_path / "empty-home"
     empty.mkdir()
     got = json.loads(kvnet(empty, "ledger", "verify", str(batch), "--json").stdout)

@@ -15,7 +15,8 @@ from kvnet import identity
 from tests.artifacts import ROOT, serve_process
 
 TORCH_FREE = ["kvnet.store", "kvnet.manifest", "kvnet.pieces", "kvnet.p2p.node", "kvnet.p2p.commands",
-              "kvnet.p2p.dht", "kvnet.p2p.fetcher", "kvnet.p2p.server"]
+              "kvnet.p2p.dht", "kvnet.p2p.fetcher", "kvnet.p2p.server", "kvnet.receipts",
+              "kvnet.ledger"]
 
 
 def test_storage_and_network_modules_import_without_torch():
