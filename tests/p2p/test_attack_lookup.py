@@ -167,7 +167,10 @@ async def test_sybil_liars_closest_to_the_key_do_not_eclipse_the_provider(tmp_pa
         client, provider, hosts = await _network(n, tmp_path, sm.id, liars, hold, [sm.id])
         liar_ids = {h.get_id() for h in hosts}
         # the setup is an eclipse: the network's closest peers to the key are liars first
-        closest = await client.dht.peer_routing.find_closest_peers_network(sm.id)
+        for _ in range(3):  # under load a FIND_NODE round can time out: the setup check retries
+            closest = await client.dht.peer_routing.find_closest_peers_network(sm.id)
+            if len(closest) >= 3:
+                break
         target = int.from_bytes(hashlib.sha256(sm.id).digest(), "big")
         ranked = sorted(closest, key=lambda p: int.from_bytes(hashlib.sha256(p.to_bytes()).digest(), "big") ^ target)
         print(f"\nclosest: {len(closest)} peers, {len(set(closest) & liar_ids)} liars; nearest 3 liars: "
