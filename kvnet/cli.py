@@ -522,14 +522,19 @@ def serve(home: Home = DEFAULT_HOME, listen: ListenOpt = None, bootstrap: Bootst
               stats_interval)
 
 
-def _manifest_arg(manifest: str) -> bytes:
+def _hex32(value: str, error: str) -> bytes:
+    """32 bytes from 64 hex digits, or the one error line `error`."""
     try:
-        mid = bytes.fromhex(manifest)
+        raw = bytes.fromhex(value)
     except ValueError:
-        mid = b""
-    if len(mid) != 32:
-        raise _fail("--manifest takes a full 64-hex-digit manifest id")
-    return mid
+        raw = b""
+    if len(raw) != 32:
+        raise _fail(error)
+    return raw
+
+
+def _manifest_arg(manifest: str) -> bytes:
+    return _hex32(manifest, "--manifest takes a full 64-hex-digit manifest id")
 
 
 @app.command()
@@ -713,14 +718,7 @@ def ledger_verify(
     the amount owed per payer."""
     from kvnet.receipts import verify_batch
 
-    want = None
-    if payee is not None:
-        try:
-            want = bytes.fromhex(payee)
-        except ValueError:
-            want = b""
-        if len(want) != 32:
-            raise _fail("--payee takes a 64-hex-digit public key")
+    want = _hex32(payee, "--payee takes a 64-hex-digit public key") if payee is not None else None
     try:
         raw = file.read_bytes()
     except OSError as exc:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kvnet import identity, receipts
 from kvnet.errors import KvnetError
 from kvnet.receipts import Channel, Line, Receipt, ReceiptError, SignedReceipt
+from kvnet.store_index import immediate
 
 DAY = 86_400
 
@@ -140,15 +141,8 @@ class Ledger:
         """One IMMEDIATE transaction (one writer across processes); rolled back on any exception."""
         if self.read_only:
             raise LedgerError(f"{self.path} is open read-only")
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self.db):
+            yield
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -16,10 +16,27 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from kvnet.manifest import SignedManifest
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One `BEGIN IMMEDIATE` transaction on `db` (autocommit mode): the write lock is taken at the
+    start, so writers in several processes queue instead of failing at commit; committed on success,
+    rolled back on any exception (KeyboardInterrupt and cancellation included). Shared by the store
+    index and the ledger."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
 
 LAYOUT_VERSION = 2  # PRAGMA user_version: 2 = data files + `present`; 0/1 = pieces/<ab>/<hash> + `pieces`
 
@@ -114,17 +131,9 @@ class StoreIndex:
     def close(self) -> None:
         self.db.close()
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
+    def write(self) -> AbstractContextManager[None]:
         """An IMMEDIATE transaction: one writer at a time across processes."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
+        return immediate(self.db)
 
     def _has_table(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",

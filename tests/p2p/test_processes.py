@@ -75,12 +75,9 @@ async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
     assert PeerScores(tmp_path / "C" / "scores.sqlite").get(p1_id) < 0
 
 
-def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
-    sm, pieces = artifact
-    _, (p2, addr2) = providers
-    home = tmp_path / "F"
-    identity.generate(home / "identity.key")
-    args = _kvnet("fetch", "--home", str(home), "--bootstrap", addr2, "--manifest", sm.id.hex(), "--log-pieces")
+def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int) -> int:
+    """Run a fetching process, SIGKILL it once it reported 10 stored pieces; check that what it left
+    in the store verifies and is partial; return how many pieces it left."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     seen = 0
     for line in proc.stdout:
@@ -92,8 +89,18 @@ def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
     assert proc.wait(10) == -signal.SIGKILL
     with Store(home / "store") as store:
         assert store.check() == []
-        had = len(store.present_pieces(sm.id))
-    assert 10 <= had < len(pieces)
+        had = len(store.present_pieces(mid))
+    assert 10 <= had < n_pieces
+    return had
+
+
+def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
+    sm, pieces = artifact
+    _, (p2, addr2) = providers
+    home = tmp_path / "F"
+    identity.generate(home / "identity.key")
+    args = _kvnet("fetch", "--home", str(home), "--bootstrap", addr2, "--manifest", sm.id.hex(), "--log-pieces")
+    had = _kill_after_10_pieces(args, home, sm.id, len(pieces))
 
     done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr
@@ -145,19 +152,7 @@ def test_bulk_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers,
     home = tmp_path / "F"
     identity.generate(home / "identity.key")
     args = [sys.executable, "-c", FETCHER, str(home), addr2, sm.id.hex(), mode]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    seen = 0
-    for line in proc.stdout:
-        if line.startswith("piece"):
-            seen += 1
-            if seen == 10:
-                proc.kill()
-                break
-    assert proc.wait(10) == -signal.SIGKILL
-    with Store(home / "store") as store:
-        assert store.check() == []
-        had = len(store.present_pieces(sm.id))
-    assert 10 <= had < len(pieces)
+    had = _kill_after_10_pieces(args, home, sm.id, len(pieces))
 
     done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr
