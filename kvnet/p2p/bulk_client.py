@@ -4,7 +4,7 @@ All socket I/O of a connection happens in one thread (an SSL object must not be 
 two threads at once), which both sends the tokens and reads the records. Grants are queued by the
 fetcher (trio side); the receiver sends each queued token as soon as it sees it, between records, so
 the next grant's token reaches the provider before the current grant ends and the connection never
-idles between grants. Each piece is read into a reused buffer, checked (its index is the next one
+idles between grants. Each piece is read into a reused page-aligned buffer, checked (its index is the next one
 granted, its length the manifest's, then BLAKE3 against the signed manifest) and only then handed on.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import queue
 import socket
 import ssl
@@ -180,7 +181,7 @@ class BulkConnection:
         try:
             buf = buffers.get_nowait()
         except queue.Empty:
-            buf = bytearray(m.piece_size)
+            buf = mmap.mmap(-1, m.piece_size)  # page aligned: the store writes it with O_DIRECT, no copy
         view = memoryview(buf)[:length]
         self._recv_exact(view)
         self.received_bytes += length

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import queue
 import time
 from collections.abc import Awaitable, Callable
@@ -234,7 +235,8 @@ class Fetch:
 
     def _recycle(self, data: bytearray | memoryview) -> None:
         """Give a bulk receive buffer back for reuse (stream reads allocate their own)."""
-        if isinstance(data, memoryview) and isinstance(data.obj, bytearray) and len(data.obj) == self.m.piece_size:
+        if (isinstance(data, memoryview) and isinstance(data.obj, bytearray | mmap.mmap)
+                and len(data.obj) == self.m.piece_size):
             self.buffers.put(data.obj)
 
     async def _writer(self, rx: trio.MemoryReceiveChannel) -> None:
