@@ -77,7 +77,10 @@ def test_export_then_verify_in_a_fresh_process_with_an_empty_home(paid_home, tmp
     assert "2 channels" in res.stdout
     # --home before the subcommand names the same home (KVNET_HOME points elsewhere here)
     before = kvnet(tmp_path / "nowhere", "ledger", "--home", str(home), "export", str(tmp_path / "b2.kvb"))
-    assert "2 channels" in before.stdout and (tmp_path / "b2.kvb").read_bytes() == batch.read_bytes()
+    assert "2 channels" in before.stdout
+    # the same receipts (the batch's `created` time may differ between the two exports)
+    second = canonical.decode((tmp_path / "b2.kvb").read_bytes())
+    assert second["channels"] == canonical.decode(batch.read_bytes())["channels"]
     empty = tmp_path / "empty-home"
     empty.mkdir()
     got = json.loads(kvnet(empty, "ledger", "verify", str(batch), "--json").stdout)
