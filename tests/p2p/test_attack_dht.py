@@ -79,7 +79,10 @@ async def _network(tmp_path, mb: int = 2):
 async def _honest_fetch(c, v, p, sm) -> None:
     """V answers GET_PROVIDERS for the manifest with P, and C finds and fetches the whole artifact."""
     with trio.fail_after(30):
-        via_v, _ = await compat.providers_and_closers_from_peer(c.dht, v.peer_id, sm.id)
+        for _ in range(3):  # a query that timed out also answers [] (compat section 6): ask again
+            via_v, _ = await compat.providers_and_closers_from_peer(c.dht, v.peer_id, sm.id)
+            if via_v:
+                break
         assert p.peer_id in [i.peer_id for i in via_v]
         found = await c.find_manifest(sm.id)
         assert found is not None and found.signed.id == sm.id
