@@ -296,13 +296,8 @@ async def _handle_inbound(self: Any, read_write_closer: Any, maddr: Any, failure
     remote_maddr = self._build_remote_multiaddr(read_write_closer)
     if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
         _swarm.logger.debug("Inbound connection from %s denied by connection gate", remote_maddr)
-        try:
-            await read_write_closer.close()
-            failure_event.conn_incoming_error = True
-            if self.metric_send_channel is not None:
-                await self.metric_send_channel.send(failure_event)
-        except Exception:  # noqa: BLE001 - upstream's best-effort close
-            pass
+        with contextlib.suppress(Exception):  # upstream's best-effort close
+            await _close_and_count_failure(self, read_write_closer, failure_event)
         return
 
     if isinstance(read_write_closer, _swarm.IMuxedConn):  # QUIC and the like: already multiplexed
@@ -311,10 +306,7 @@ async def _handle_inbound(self: Any, read_write_closer: Any, maddr: Any, failure
             await self.add_conn(muxed_conn, direction="inbound")
             await serve_inbound_connection(self, muxed_conn, remote)
         except Exception:  # noqa: BLE001 - upstream's handling: close and count the failure
-            await read_write_closer.close()
-            failure_event.conn_incoming_error = True
-            if self.metric_send_channel is not None:
-                await self.metric_send_channel.send(failure_event)
+            await _close_and_count_failure(self, read_write_closer, failure_event)
         return
 
     raw_conn = None
@@ -328,12 +320,17 @@ async def _handle_inbound(self: Any, read_write_closer: Any, maddr: Any, failure
             if raw_conn is not None:
                 await raw_conn.close()
             else:
-                await read_write_closer.close()
-                failure_event.conn_incoming_error = True
-                if self.metric_send_channel is not None:
-                    await self.metric_send_channel.send(failure_event)
+                await _close_and_count_failure(self, read_write_closer, failure_event)
         except Exception:  # noqa: BLE001 - upstream's best-effort close
             pass
+
+
+async def _close_and_count_failure(swarm: Any, closer: Any, failure_event: Any) -> None:
+    """Upstream's three copies of "close the socket, mark the inbound failure, report it to metrics"."""
+    await closer.close()
+    failure_event.conn_incoming_error = True
+    if swarm.metric_send_channel is not None:
+        await swarm.metric_send_channel.send(failure_event)
 
 
 def _swarm_conn_of(swarm: Any, muxed_conn: Any) -> Any:
