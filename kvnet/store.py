@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvnet import chain
 from kvnet.errors import KvnetError
@@ -41,6 +42,9 @@ from kvnet.manifest import ManifestError, SignedManifest, parse
 from kvnet.pieces import ArtifactError, verify_piece
 from kvnet.store_files import DataFiles, fsync_dir
 from kvnet.store_index import StoreIndex
+
+if TYPE_CHECKING:
+    from kvnet.store_writer import GroupWriter
 
 MIGRATE_GROUP = 16  # old-layout pieces moved per fdatasync and index commit when converting a store
 
@@ -333,6 +337,18 @@ class Store:
         self._make_room(sum(len(d) for d in todo.values()), protect=mid)
         self._write_group(mid, sorted(todo.items()))
         return sorted(todo), errors
+
+    def group_writer(self, mid: bytes, reserve: int = 0, **kw: object) -> GroupWriter:
+        """A thread-side writer of verified pieces of `mid` (kvnet.store_writer.GroupWriter): what a
+        fetch uses, so that pieces go from receiver threads to disk without an event loop in between.
+        Room for `reserve` more bytes is made first (LRU eviction, as `put_pieces` does per group).
+        Call from the thread that uses this Store; the writer then runs on its own threads and index
+        connection."""
+        from kvnet.store_writer import GroupWriter  # noqa: PLC0415 - kvnet.store_writer builds on this module
+
+        self.get_manifest(mid)
+        self._make_room(reserve, protect=mid)
+        return GroupWriter(self, mid, **kw)  # type: ignore[arg-type]
 
     def _write_group(self, mid: bytes, items: Sequence[tuple[int, Piece]]) -> None:
         """Write verified pieces, one fdatasync, then mark them present in one transaction: the

@@ -91,21 +91,42 @@ class DataFiles:
     def write_group(self, mid: bytes, items: Sequence[tuple[int, Buffer]]) -> None:
         """Write each (offset, bytes) of one artifact, then one fdatasync: when this returns, every
         byte of the group is durable. Raises OSError (ENOSPC for a full disk) with nothing promised."""
+        fd, direct_fd = self.open_for_write(mid, direct=self._wants_direct(items))
+        try:
+            self._write_all(fd, direct_fd, items)
+            os.fdatasync(fd)
+        finally:
+            self.close_fds(fd, direct_fd)
+
+    def open_for_write(self, mid: bytes, direct: bool = True) -> tuple[int, int | None]:
+        """(a read-write descriptor, an O_DIRECT one or None) of the artifact's data file, created if
+        needed (its directory entry made durable at once). Close both with `close_fds`."""
         path = self.path(mid)
         created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if created:
                 fsync_dir(self.dir)
-            direct_fd = self._open_direct(path) if self._wants_direct(items) else None
-            try:
-                self._write_all(fd, direct_fd, items)
-            finally:
-                if direct_fd is not None:
-                    os.close(direct_fd)
-            os.fdatasync(fd)
-        finally:
+            return fd, self._open_direct(path) if direct and self._direct is not False else None
+        except BaseException:
             os.close(fd)
+            raise
+
+    @staticmethod
+    def close_fds(fd: int, direct_fd: int | None) -> None:
+        if direct_fd is not None:
+            os.close(direct_fd)
+        os.close(fd)
+
+    def write_at(self, fd: int, direct_fd: int | None, offset: int, data: Buffer) -> None:
+        """Write one piece at `offset`: with O_DIRECT when there is a direct descriptor and the
+        offset and length are aligned (from `data` itself if it is a page-aligned buffer, else from
+        a copy in this thread's aligned buffer), else with a plain pwrite. Not durable until the
+        caller's fdatasync on `fd` (which flushes the file, so it covers both descriptors)."""
+        if direct_fd is not None and _aligned(offset, len(data)):
+            self._write_direct(direct_fd, offset, data)
+        else:
+            _pwrite_all(fd, data, offset)
 
     def _wants_direct(self, items: Sequence[tuple[int, Buffer]]) -> bool:
         return self._direct is not False and any(_aligned(off, len(d)) for off, d in items)

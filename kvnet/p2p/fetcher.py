@@ -4,10 +4,12 @@ Pieces are assigned across providers in batches; each provider gets `window` con
 (pipelining). When nothing is left to assign, idle workers re-request pieces still in flight
 elsewhere (endgame), and the first verified copy wins. Each received piece is checked (length, then
 BLAKE3 against the signed manifest) as soon as it is read, so a liar is dropped before it can be sent
-another request; verified pieces go to one writer task that stores them in group commits
-(`Store.put_pieces`, without hashing them again), off the event loop. A provider that sends a bad piece, a
-wrong length, a protocol violation or nothing before the timeout is dropped for this fetch, scored
-down persistently, gets no further request in this fetch, and its pieces go back to the pool.
+another request; verified pieces go straight from the thread that received them to the store's
+`GroupWriter` (kvnet.store_writer: writer threads, one fdatasync and one index commit per group, not
+hashed again): no event-loop round trip per piece; only group completions reach the trio side. A
+provider that sends a bad piece, a wrong length, a protocol violation or nothing before the timeout
+is dropped for this fetch, scored down persistently, gets no further request in this fetch, and its
+pieces go back to the pool.
 
 With `bulk` set (the default of a node's fetch), each provider is first asked for a bulk grant
 (`/kvnet/bulk/1.0.0`, kvnet.p2p.bulk_wire): its pieces then come over one side connection (TLS 1.3 or
@@ -24,9 +26,11 @@ import contextlib
 import logging
 import mmap
 import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -38,13 +42,14 @@ from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
 from kvnet.pieces import ArtifactError, verify_piece
+from kvnet.store_writer import GroupWriter, WriterClosedError, Written
 
 log = logging.getLogger("kvnet.p2p.fetcher")
 
 OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
-WRITE_BATCH = 16  # pieces per group commit
-BULK_BATCH = 16  # pieces per bulk grant (at most the 64 a request may ask for)
+WRITE_BATCH = 16  # pieces per group commit (one fdatasync, one index transaction)
+BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
 
@@ -76,6 +81,7 @@ class FetchResult:
     providers: dict[str, dict] = field(default_factory=dict)
     received_bytes: int = 0  # piece bytes read from all providers (>= bytes: endgame duplicates)
     paths: dict[str, str] = field(default_factory=dict)  # peer -> "streams", "bulk-tls" or "bulk-tcp"
+    store_timers: dict[str, float] = field(default_factory=dict)  # the group writer's (for benchmarks)
 
     @property
     def mb_per_s(self) -> float:
@@ -111,9 +117,14 @@ class Fetch:
         self.changed = trio.Event()
         self.fetched = 0
         self.bytes = 0
-        self.queued: set[int] = set()  # received, waiting for the writer
+        self.queued: set[int] = set()  # received, handed to the writer, not yet committed
         self.failure: Exception | None = None
-        self.to_writer, self._writer_rx = trio.open_memory_channel(WRITE_QUEUE)
+        self.writer: GroupWriter | None = None  # while `run` runs
+        self.store_timers: dict[str, float] = {}
+        # `queued` (and the claim of a piece) is shared with receiver threads; `pending` changes only
+        # on the trio side, under this lock too, so a thread's claim sees a consistent pair.
+        self._lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     # -- assignment -----------------------------------------------------------------------------
 
@@ -130,9 +141,12 @@ class Fetch:
             fresh = fresh[: min(self.bulk_batch, max(1, len(fresh) // (BULK_GRANTS_AHEAD * live)))]
         else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
             fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
-        if not fresh and len(self.pending - self.queued) <= ENDGAME_PIECES:
-            fresh = [i for i in sorted(self.pending - self.queued)
-                     if i in p.have and len(self.in_flight.get(i, ())) == 1 and p.peer not in self.in_flight[i]][:1]
+        if not fresh:
+            with self._lock:
+                unqueued = sorted(self.pending - self.queued)
+            if len(unqueued) <= ENDGAME_PIECES:
+                fresh = [i for i in unqueued if i in p.have and len(self.in_flight.get(i, ())) == 1
+                         and p.peer not in self.in_flight[i]][:1]
         for i in fresh:
             self.in_flight.setdefault(i, set()).add(p.peer)
         return fresh
@@ -153,7 +167,9 @@ class Fetch:
     def _obtainable(self) -> bool:
         """Is some pending piece queued for writing or held by a live provider?"""
         live = [p for p in self.providers if p.dropped is None]
-        return any(i in self.queued or any(i in p.have for p in live) for i in self.pending)
+        with self._lock:
+            queued = set(self.queued)
+        return any(i in queued or any(i in p.have for p in live) for i in self.pending)
 
     # -- transfer -------------------------------------------------------------------------------
 
@@ -197,7 +213,7 @@ class Fetch:
                     verify_piece(self.m, i, data)
                 except ArtifactError as exc:
                     raise _Drop("bad_piece", str(exc)) from exc
-                await self._accept(p, i, data)  # handed to the writer, which stores it
+                await trio.to_thread.run_sync(self.offer, p, i, data)  # to the writer, which stores it
                 remaining.discard(i)
             if remaining:
                 raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
@@ -220,18 +236,34 @@ class Fetch:
             p.connected = True
             return stream
 
-    async def _accept(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
-        """Queue a verified piece for the writer, which stores pieces in group commits."""
-        if i not in self.pending or i in self.queued:  # an endgame duplicate that lost the race
-            self._release(p, [i])
-            self._recycle(data)
-            return
-        self.queued.add(i)
-        try:
-            await self.to_writer.send((p, i, data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.queued.discard(i)  # the fetch is over; this late copy is not needed
-            self._recycle(data)
+    def offer(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
+        """Hand a verified piece to the group writer (called from a receiving thread; blocks while
+        the writer's queue is full). An endgame duplicate that lost the race, or a piece arriving
+        after the fetch ended, is dropped and its buffer reused."""
+        with self._lock:
+            take = self.writer is not None and i in self.pending and i not in self.queued
+            if take:
+                self.queued.add(i)
+                last = len(self.queued) >= len(self.pending)
+        if take:
+            assert self.writer is not None
+            if last:  # every pending piece is in the writer's hands: commit without waiting for a full group
+                self.writer.flush()
+            try:
+                if self.writer.submit(i, data, p):
+                    return
+            except WriterClosedError:
+                pass  # the fetch is over (or the store failed, which the fetch reports)
+            with self._lock:
+                self.queued.discard(i)
+        self._recycle(data)
+        self._soon(self._release, p, [i])
+
+    def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the trio side, without waiting (from any thread)."""
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(fn, *args)
 
     def _recycle(self, data: bytearray | memoryview) -> None:
         """Give a bulk receive buffer back for reuse (stream reads allocate their own)."""
@@ -239,36 +271,49 @@ class Fetch:
                 and len(data.obj) == self.m.piece_size):
             self.buffers.put(data.obj)
 
-    async def _writer(self, rx: trio.MemoryReceiveChannel) -> None:
-        """Store received (already verified) pieces in group commits."""
-        async with rx:
-            async for first in rx:
-                batch = [first]
-                while len(batch) < WRITE_BATCH:
-                    try:
-                        batch.append(rx.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                try:
-                    await self.runner.call(self.runner.store.put_pieces, self.sm.id,
-                                           [(i, d) for _, i, d in batch], True)
-                except Exception as exc:  # noqa: BLE001 - a full store ends the fetch with its error
+    def _committed(self, batch: list[Written]) -> None:
+        """A group is durable and marked present (trio side)."""
+        for w in batch:
+            p: Provider = w.tag
+            with self._lock:
+                self.queued.discard(w.index)
+                new = w.index in self.pending
+                self.pending.discard(w.index)
+            if new:
+                self.fetched += 1
+                self.bytes += w.size
+                p.pieces += 1
+                p.bytes += w.size
+                if self.on_piece:
+                    self.on_piece(self.total - len(self.pending), self.total)
+            self.in_flight.pop(w.index, None)
+        self._wake()
+
+    def _failed(self, exc: Exception) -> None:
+        """The store write failed (a full disk): the fetch ends with that error."""
+        if self.failure is None:
+            self.failure = exc
+        self._wake()
+
+    async def _open_writer(self) -> GroupWriter:
+        reserve = sum(self.m.piece_len(i) for i in self.pending)
+        return await self.runner.call(partial(
+            self.runner.store.group_writer, self.sm.id, reserve, group=WRITE_BATCH, queue_pieces=WRITE_QUEUE,
+            on_commit=partial(self._soon, self._committed), on_written=self._recycle,
+            on_failure=partial(self._soon, self._failed)))
+
+    async def _close_writer(self) -> None:
+        """Commit what was written and stop the writer; a failure it saw becomes the fetch's."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(writer.close)
+            except Exception as exc:  # noqa: BLE001 - a full store ends the fetch with its error
+                if self.failure is None:
                     self.failure = exc
-                    self._wake()
-                    return
-                for p, i, data in batch:
-                    self.queued.discard(i)
-                    if i in self.pending:
-                        self.pending.discard(i)
-                        self.fetched += 1
-                        self.bytes += len(data)
-                        p.pieces += 1
-                        p.bytes += len(data)
-                        if self.on_piece:
-                            self.on_piece(self.total - len(self.pending), self.total)
-                    self.in_flight.pop(i, None)
-                    self._recycle(data)
-                self._wake()
+            self.store_timers = dict(writer.timers)
 
     # -- bulk -----------------------------------------------------------------------------------
 
@@ -404,14 +449,18 @@ class Fetch:
         by_peer = {p.peer: p for p in self.providers}
         self.providers = [by_peer[x] for x in ordered]
         usable = [p for p in self.providers if not self.scores.avoided(p.peer)] or self.providers
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, self._writer_rx)
-            for p in usable:
-                (background or nursery).start_soon(self._serve_from, p)
-            await self._until_settled()
-            await self.to_writer.aclose()  # late pieces from background workers are dropped
-            self._wake()  # idle background workers see that nothing is pending and exit
-            nursery.cancel_scope.cancel()
+        self._token = trio.lowlevel.current_trio_token()
+        self.writer = await self._open_writer()
+        try:
+            async with trio.open_nursery() as nursery:
+                for p in usable:
+                    (background or nursery).start_soon(self._serve_from, p)
+                await self._until_settled()
+                await self._close_writer()  # late pieces from background workers are dropped
+                self._wake()  # idle background workers see that nothing is pending and exit
+                nursery.cancel_scope.cancel()
+        finally:
+            await self._close_writer()
         if self.failure is not None:
             raise self.failure
 
@@ -429,7 +478,7 @@ class _BulkSession(Handler):
         self.f, self.p, self.conn = fetch, p, conn
         self.grants: queue.Queue = queue.Queue()
         self.slots = trio.Semaphore(BULK_GRANTS_AHEAD)
-        self.left: dict[bytes, set[int]] = {}  # token -> granted pieces not yet received
+        self.left: dict[bytes, ClientGrant] = {}  # token -> granted and not done (its pieces may still come)
 
     async def run(self, first: ClientGrant) -> None:
         await self.slots.acquire()
@@ -441,12 +490,12 @@ class _BulkSession(Handler):
                 nursery.start_soon(self._watch)
         finally:
             self.conn.abort()
-            for left in self.left.values():
-                self.f._release(self.p, sorted(left))
+            for g in self.left.values():
+                self.f._release(self.p, _not_received(g))
             self.left.clear()
 
     def _queue(self, g: ClientGrant) -> None:
-        self.left[g.token] = set(g.indices)
+        self.left[g.token] = g
         self.grants.put(g)
 
     async def _receive(self, scope: trio.CancelScope) -> None:
@@ -501,7 +550,9 @@ class _BulkSession(Handler):
     # -- called from the receiver thread --------------------------------------------------------
 
     def piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
-        trio.from_thread.run(self._piece, grant, index, data)
+        """Straight to the store's writer from this thread (no trio round trip per piece)."""
+        self.p.received += len(data)  # only this provider's receiver thread adds to it
+        self.f.offer(self.p, index, data)
 
     def missing(self, grant: ClientGrant, index: int) -> None:
         trio.from_thread.run_sync(self._missing, grant, index)
@@ -509,21 +560,21 @@ class _BulkSession(Handler):
     def done(self, grant: ClientGrant) -> None:
         trio.from_thread.run_sync(self._done, grant)
 
-    async def _piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
-        self.left.get(grant.token, set()).discard(index)
-        self.p.received += len(data)
-        await self.f._accept(self.p, index, data)
-
     def _missing(self, grant: ClientGrant, index: int) -> None:
-        self.left.get(grant.token, set()).discard(index)
         self.p.have.discard(index)
         self.f._release(self.p, [index])
 
     def _done(self, grant: ClientGrant) -> None:
-        left = self.left.pop(grant.token, set())
-        self.f._release(self.p, sorted(left))
+        if self.left.pop(grant.token, None) is not None:
+            self.f._release(self.p, _not_received(grant))
         self.slots.release()
         self.f._wake()
+
+
+def _not_received(g: ClientGrant) -> list[int]:
+    """A grant's pieces that did not arrive (those that did are the writer's, or were released)."""
+    got = set(g.received)  # a copy: the receiver thread may still append
+    return [i for i in g.indices if i not in got]
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -560,4 +611,5 @@ async def fetch_pieces(signed: SignedManifest, needed: list[int], providers: lis
         raise FetchError(f"{len(f.pending)} of {len(todo)} pieces could not be fetched "
                          f"(providers: {stats})")
     return FetchResult(signed.id, f.fetched, len(needed) - len(todo), f.bytes, seconds, stats,
-                       sum(p.received for p in f.providers), {p.peer: p.path for p in f.providers})
+                       sum(p.received for p in f.providers), {p.peer: p.path for p in f.providers},
+                       f.store_timers)
