@@ -1,7 +1,7 @@
 """Transfer throughput over loopback: raw TCP vs kvnet fetch over libp2p streams and over the bulk
 path (TLS and plain TCP), each from 1 and from 3 provider processes.
 
-    .venv/bin/python bench/transfer.py --mb 256 --runs 3
+    .venv/bin/python bench/transfer.py --mb 256 --runs 3 [--reuse-tokens 2048] [--only bulk]
 
 Providers are real `kvnet serve` processes holding a signed 256 MiB artifact (Qwen3-0.6B-shaped
 bf16 KV of seeded bytes); the fetcher runs in this process and every fetch figure includes verifying
@@ -9,12 +9,25 @@ each piece against the signed manifest and the durable store write. The "receive
 the bulk receiver alone (grants redeemed, every piece verified, then dropped: no store), to show what
 the store costs; that is a benchmark-only path. min/median/max of --runs, and each median's ratio
 to raw TCP's; "received" is the bytes read from providers over the artifact's size (endgame duplicates).
+"CPU s" is the CPU time (user + system) used during the fetch itself by this process (the fetcher)
+and by all provider processes together, median over runs: on a shared 2-core machine it says
+whether a row is limited by the CPU it can get.
+
+Remote reuse (--reuse-tokens, default 2048, on --reuse-model `qwen3-0.6b-shape`, bf16): a document is
+published into a provider's store and served by a real `kvnet serve` process; "full prefill" runs
+document + question to the first answer token; "local reuse" loads the verified KV from the
+publisher's store and runs the question to the first token (kvnet.reuse.load_prefix, as
+bench/publish_load.py times it); "remote reuse" is a fresh fetcher node in this process that fetches
+the artifact over the bulk path (after finding it), then loads it from its own store and runs the
+question: fetch + load + first token. Ratios are to full prefill and to local reuse (the target is
+within 1.3x of local reuse).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import shutil
 import socket
@@ -40,7 +53,7 @@ from kvnet.p2p.node import Node  # noqa: E402
 from kvnet.store import Store  # noqa: E402
 from tests.artifacts import fake_artifact, provider_home, serve_process  # noqa: E402
 
-console = Console()
+console = Console(width=200)
 SENDER = r"""
 import socket, sys
 data = bytes(1 << 20)
@@ -83,18 +96,32 @@ async def _found(client: Node, mid: bytes, n_providers: int):
     return found
 
 
+def proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes (from /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, window: int, batch: int,
-                     bulk: str | None) -> dict:
+                     bulk: str | None, provider_pids: list[int] | None = None) -> dict:
     client = Node(Ed25519PrivateKey.generate(), Store(tmp / "store"), bootstrap=[bootstrap], timeout=30)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(client.run, announce=False))  # like `kvnet fetch`
         found = await _found(client, mid, n_providers)
+        cpu0, prov0 = time.process_time(), proc_cpu(provider_pids or [])
         result = await client.fetch(found, found.signed.manifest.n_tokens, window=window, batch=batch, bulk=bulk)
+        cpu = {"fetcher": time.process_time() - cpu0, "providers": proc_cpu(provider_pids or []) - prov0}
         nursery.cancel_scope.cancel()
     client.store.close()
     shutil.rmtree(tmp, ignore_errors=True)
     return {"mb_s": result.mb_per_s, "seconds": result.seconds, "received": result.received_bytes / result.bytes,
-            "paths": sorted(set(result.paths.values())),
+            "paths": sorted(set(result.paths.values())), "cpu": cpu, "store": result.store_timers,
             "per_provider": {p[:12]: (s["pieces"], s["dropped"]) if s["dropped"] else s["pieces"]
                              for p, s in result.providers.items()}}
 
@@ -150,14 +177,132 @@ async def receive_only(bootstrap: str, mid: bytes, mode: str) -> dict:
     return {"mb_s": sink.bytes / 1e6 / seconds, "seconds": seconds}
 
 
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+async def _fetch_for_reuse(tmp: Path, bootstrap: str, mid: bytes, mode: str) -> tuple[Store, dict]:
+    """A fresh fetcher node: find the artifact, then fetch it over bulk `mode` (timed)."""
+    client = Node(Ed25519PrivateKey.generate(), Store(tmp / "store"), bootstrap=[bootstrap], timeout=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(client.run, announce=False))
+        t0 = time.perf_counter()
+        found = await _found(client, mid, 1)
+        t1 = time.perf_counter()
+        result = await client.fetch(found, bulk=mode)
+        t2 = time.perf_counter()
+        nursery.cancel_scope.cancel()
+    return client.store, {"find_s": t1 - t0, "fetch_s": t2 - t1, "fetch_mb_s": result.mb_per_s}
+
+
+def remote_reuse_once(tmp: Path, bootstrap: str, mid: bytes, mode: str, engine, suffix: list[int]) -> dict:
+    """Fetch over the bulk path, then load + first token from the fetched store. The node is stopped
+    before the load (as `kvnet fetch` then `kvnet ask` would be), so that the forward pass does not
+    block a live node's trio loop; node start and stop are not counted, the lookup is reported apart."""
+    from kvnet.reuse import load_prefix
+
+    store, row = trio.run(_fetch_for_reuse, tmp, bootstrap, mid, mode)
+    try:
+        t0 = time.perf_counter()
+        kv = load_prefix(engine, store, mid)
+        t1 = time.perf_counter()
+        engine.generate_from(kv, suffix, 1)
+        t2 = time.perf_counter()
+    finally:
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**row, "load_s": t1 - t0, "first_token_s": t2 - t1, "total_s": row["fetch_s"] + t2 - t0}
+
+
+def reuse_rows(tmp: Path, model: str, n_tokens: int, runs: int) -> dict:
+    """Full prefill, local reuse and remote reuse (bulk tcp and tls) of one document's first answer token."""
+    from kvnet import identity
+    from kvnet.engine import Engine
+    from kvnet.exactness import SUFFIX_TEXT, seeded_document
+    from kvnet.publish import publish_tokens
+    from kvnet.reuse import load_prefix
+
+    engine = Engine(model, "bf16")
+    doc = seeded_document(engine.tokenizer, n_tokens, seed=n_tokens)
+    suffix = engine.tokenizer.encode(SUFFIX_TEXT)
+    home = tmp / "R"
+    identity.generate(home / "identity.key")
+    with Store(home / "store") as store:
+        pub = publish_tokens(engine, store, Ed25519PrivateKey.generate(), doc)
+    mid = pub.manifest_id
+    size = pub.signed.manifest.total_bytes
+    console.print(f"reuse: {model}, {n_tokens} tokens, artifact {size / 1e6:.0f} MB")
+    out: dict[str, dict] = {"full prefill": {"runs": []}, "local reuse": {"runs": [], "load": []}}
+    for _ in range(runs):
+        out["full prefill"]["runs"].append(_timed(lambda: engine.generate_from(None, doc + suffix, 1))[1])
+        with Store(home / "store") as store:  # a fresh handle, as a new process would open it
+            kv, t_load = _timed(lambda s=store: load_prefix(engine, s, mid))
+        _, t_first = _timed(lambda kv=kv: engine.generate_from(kv, suffix, 1))
+        out["local reuse"]["runs"].append(t_load + t_first)
+        out["local reuse"]["load"].append(t_load)
+    proc, addr = serve_process(home)
+    try:
+        for mode in ("tcp", "tls"):
+            rows = [remote_reuse_once(tmp / f"RR-{mode}-{r}", addr, mid, mode, engine, suffix) for r in range(runs)]
+            for r in rows:
+                console.print(f"  remote reuse over bulk {mode}: fetch {r['fetch_s']:.3f} s "
+                              f"({r['fetch_mb_s']:.0f} MB/s) + load {r['load_s']:.3f} + first token "
+                              f"{r['first_token_s']:.3f} = "
+                              f"{r['total_s']:.3f} s (find {r['find_s']:.3f} s, not counted)")
+            out[f"remote reuse, bulk {mode}"] = {"runs": [r["total_s"] for r in rows], "detail": rows}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    out["artifact_bytes"] = size  # type: ignore[assignment]
+    return out
+
+
+def reuse_table(res: dict, model: str, n_tokens: int, runs: int) -> Table:
+    full = statistics.median(res["full prefill"]["runs"])
+    local = statistics.median(res["local reuse"]["runs"])
+    t = Table("path", "min s", "median s", "max s", "/ full prefill", "/ local reuse",
+              title=f"first answer token, {model} bf16, {n_tokens}-token document ({res['artifact_bytes'] / 1e6:.0f} "
+              f"MB of KV), {runs} runs")
+    for name, row in res.items():
+        if name == "artifact_bytes":
+            continue
+        v = row["runs"]
+        med = statistics.median(v)
+        row.update(min=min(v), median=med, max=max(v), ratio_to_full_prefill=med / full,
+                   ratio_to_local_reuse=med / local)
+        t.add_row(name, f"{min(v):.3f}", f"{med:.3f}", f"{max(v):.3f}", f"{med / full:.2f}", f"{med / local:.2f}")
+    return t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--window", type=int, default=4, help="concurrent requests per provider")
     ap.add_argument("--batch", type=int, default=8, help="pieces per request")
+    ap.add_argument("--only", choices=["all", "bulk", "none"], default="all",
+                    help="transfer rows: all, bulk only (no libp2p streams), or none (reuse rows only)")
+    ap.add_argument("--reuse-tokens", type=int, default=2048, help="document length of the reuse rows (0: skip)")
+    ap.add_argument("--reuse-model", default="qwen3-0.6b-shape")
+    ap.add_argument("--reuse-runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "transfer.json")
     args = ap.parse_args()
+    report: dict = {}
+    if args.only != "none":
+        report["transfer"] = transfer(args)
+    if args.reuse_tokens:
+        with tempfile.TemporaryDirectory(prefix="kvnet-reuse-") as tmpdir:
+            res = reuse_rows(Path(tmpdir), args.reuse_model, args.reuse_tokens, args.reuse_runs)
+        console.print(reuse_table(res, args.reuse_model, args.reuse_tokens, args.reuse_runs))
+        report["reuse"] = {"model": args.reuse_model, "tokens": args.reuse_tokens, "rows": res}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+
+def transfer(args: argparse.Namespace) -> dict:
+    """The throughput rows; returns them for the JSON report."""
 
     with tempfile.TemporaryDirectory(prefix="kvnet-transfer-") as tmpdir:
         tmp = Path(tmpdir)
@@ -171,41 +316,47 @@ def main() -> None:
         del pieces
         rows: dict[str, list[float]] = {}
         received: dict[str, list[float]] = {}
+        cpus: dict[str, list[dict]] = {}
+        pids = [p.pid for p in procs]
         try:
             rows["raw TCP loopback (1 MiB writes)"] = [raw_tcp(args.mb) for _ in range(args.runs)]
             for mode in ("tls", "tcp"):
                 rows[f"bulk {mode}, 1 provider: receive + verify (no store)"] = [
                     trio.run(receive_only, addrs[0], sm.id, mode)["mb_s"] for _ in range(args.runs)]
-            for label, bulk in (("libp2p streams", None), ("bulk tls", "tls"), ("bulk tcp", "tcp")):
+            paths = (("libp2p streams", None),) if args.only == "all" else ()
+            for label, bulk in (*paths, ("bulk tls", "tls"), ("bulk tcp", "tcp")):
                 for n in (1, 3):
-                    runs, rx = [], []
+                    runs, rx, cpu = [], [], []
                     for r in range(args.runs):
                         res = trio.run(fetch_once, tmp / f"C-{bulk}-{n}-{r}", addrs[0], sm.id, n, args.window,
-                                       args.batch, bulk)
+                                       args.batch, bulk, pids)
                         console.print(f"  {label}, {n} provider(s), run {r + 1}: {res['mb_s']:.0f} MB/s, "
-                                      f"received {res['received']:.3f}x, {res['paths']} {res['per_provider']}")
+                                      f"received {res['received']:.3f}x, CPU s fetcher {res['cpu']['fetcher']:.2f} "
+                                      f"providers {res['cpu']['providers']:.2f}, {res['paths']} {res['per_provider']}")
                         runs.append(res["mb_s"])
                         rx.append(res["received"])
+                        cpu.append(res["cpu"])
                     name = f"{label}, {n} provider{'s' if n > 1 else ''} (verify + store)"
-                    rows[name], received[name] = runs, rx
+                    rows[name], received[name], cpus[name] = runs, rx, cpu
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(10)
     raw = statistics.median(rows["raw TCP loopback (1 MiB writes)"])
     table = Table("path", "min MB/s", "median MB/s", "max MB/s", "median / raw TCP", "received (max)",
+                  "CPU s: fetcher", "CPU s: providers",
                   title=f"{args.mb} MiB over loopback, {args.runs} runs; streams: window {args.window}, "
                   f"batch {args.batch}")
     for name, runs in rows.items():
         rx = f"{max(received[name]):.3f}x" if name in received else ""
+        cf = f"{statistics.median(c['fetcher'] for c in cpus[name]):.2f}" if name in cpus else ""
+        cp = f"{statistics.median(c['providers'] for c in cpus[name]):.2f}" if name in cpus else ""
         table.add_row(name, f"{min(runs):.0f}", f"{statistics.median(runs):.0f}", f"{max(runs):.0f}",
-                      f"{statistics.median(runs) / raw:.2f}", rx)
+                      f"{statistics.median(runs) / raw:.2f}", rx, cf, cp)
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({k: {"min": min(v), "median": statistics.median(v), "max": max(v),
-                                        "ratio_to_raw_tcp": statistics.median(v) / raw, "runs": v,
-                                        "received_over_artifact": received.get(k)} for k, v in rows.items()},
-                                   indent=2))
+    return {k: {"min": min(v), "median": statistics.median(v), "max": max(v),
+                "ratio_to_raw_tcp": statistics.median(v) / raw, "runs": v,
+                "received_over_artifact": received.get(k), "cpu_s": cpus.get(k)} for k, v in rows.items()}
 
 
 if __name__ == "__main__":
