@@ -42,7 +42,7 @@ GROUP = 16  # pieces per fdatasync and index commit
 # 4 against 388-474 with 2; 3 providers 358-401 against 283-325).
 WRITER_THREADS = 4
 QUEUE_PIECES = 32  # pieces waiting to be written (bounds memory: 32 MiB with 1 MiB pieces)
-IDLE_COMMIT_S = 0.05  # written pieces wait at most this long for their group to fill
+IDLE_COMMIT_S = 0.05  # the committer looks at least this often: written pieces wait at most this long
 POLL_S = 0.1  # how often a blocked submit looks whether the writer was closed or failed
 
 Buffer = bytes | bytearray | memoryview
