@@ -108,15 +108,31 @@ def proc_cpu(pids: list[int]) -> float:
     return total
 
 
+def run_queue_wait(pids: list[int]) -> float:
+    """Seconds the threads of these processes spent runnable but waiting for a CPU (schedstat's second
+    field, summed over the threads alive now: a lower bound across an interval in which threads end)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, window: int, batch: int,
                      bulk: str | None, provider_pids: list[int] | None = None) -> dict:
     client = Node(Ed25519PrivateKey.generate(), Store(tmp / "store"), bootstrap=[bootstrap], timeout=30)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(client.run, announce=False))  # like `kvnet fetch`
         found = await _found(client, mid, n_providers)
-        cpu0, prov0 = time.process_time(), proc_cpu(provider_pids or [])
+        pids = provider_pids or []
+        cpu0, prov0 = time.process_time(), proc_cpu(pids)
+        wait0, pwait0 = run_queue_wait([os.getpid()]), run_queue_wait(pids)
         result = await client.fetch(found, found.signed.manifest.n_tokens, window=window, batch=batch, bulk=bulk)
-        cpu = {"fetcher": time.process_time() - cpu0, "providers": proc_cpu(provider_pids or []) - prov0}
+        cpu = {"fetcher": time.process_time() - cpu0, "providers": proc_cpu(pids) - prov0,
+               "fetcher_wait": run_queue_wait([os.getpid()]) - wait0, "providers_wait": run_queue_wait(pids) - pwait0}
         nursery.cancel_scope.cancel()
     client.store.close()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -276,6 +292,97 @@ def reuse_table(res: dict, model: str, n_tokens: int, runs: int) -> Table:
     return t
 
 
+class Breakdown:
+    """Benchmark only: timers wrapped around the fetcher's receive path (this process), as in
+    docs/benchmarks.md's breakdown: seconds per fetch, summed over threads."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from kvnet.p2p import bulk_client, fetcher
+
+        self.t: dict[str, float] = {}
+        self._lock = threading.Lock()
+        conn = bulk_client.BulkConnection
+        conn._recv_exact = self._wall("receiver: recv (headers + pieces)", conn._recv_exact)
+        bulk_client.verify_piece = self._wall("receiver: BLAKE3 of every piece", bulk_client.verify_piece)
+        fetcher.Fetch.offer = self._wall("receiver: hand-off to the writer (queue, backpressure)", fetcher.Fetch.offer)
+        conn.run = self._cpu("receiver thread: CPU", conn.run)
+        fetch = fetcher.Fetch._open_writer
+
+        async def opened(f):
+            w = await fetch(f)
+            self.t0 = time.perf_counter()
+            return w
+        fetcher.Fetch._open_writer = opened
+        offer = fetcher.Fetch.offer
+
+        def first(f, *a):
+            self.t.setdefault("first piece handed over, after the writer opened (s)", time.perf_counter() - self.t0)
+            return offer(f, *a)
+        fetcher.Fetch.offer = first
+
+    def _add(self, name: str, dt: float) -> None:
+        with self._lock:
+            self.t[name] = self.t.get(name, 0.0) + dt
+
+    def _wall(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._add(name, time.perf_counter() - t0)
+        return timed
+
+    def _cpu(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._add(name, time.thread_time() - t0)
+        return timed
+
+
+def breakdown(args: argparse.Namespace) -> dict:
+    """Where the time of one durable fetch from 1 provider goes (median of --runs per step)."""
+    bd = Breakdown()
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvnet-breakdown-") as tmpdir:
+        tmp = Path(tmpdir)
+        sm, pieces = fake_artifact(7, args.mb, kv_shape=(28, 8, 128))
+        proc, addr = serve_process(provider_home(tmp, "P1", sm, pieces))
+        del pieces
+        try:
+            for mode in ("tcp", "tls"):
+                runs = []
+                for r in range(args.runs):
+                    bd.t = {}
+                    res = trio.run(fetch_once, tmp / f"B-{mode}-{r}", addr, sm.id, 1, args.window, args.batch, mode,
+                                   [proc.pid])
+                    st = res["store"]
+                    runs.append({"whole fetch (s)": res["seconds"], "MB/s": res["mb_s"], **bd.t,
+                                 "writer: O_DIRECT pwrite, wall summed over its threads": st["pwrite"],
+                                 "writer threads: CPU": st["writer_cpu"], "committer: fdatasync": st["fdatasync"],
+                                 "committer: index commit": st["commit"], "groups committed": st["groups"],
+                                 "fetcher process: CPU": res["cpu"]["fetcher"],
+                                 "provider process: CPU": res["cpu"]["providers"],
+                                 "fetcher: runnable, waiting for a CPU (at least)": res["cpu"]["fetcher_wait"],
+                                 "provider: runnable, waiting for a CPU (at least)": res["cpu"]["providers_wait"]})
+                out[mode] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    table = Table("step (seconds per fetch, median)", "bulk tcp", "bulk tls",
+                  title=f"where the time of one durable {args.mb} MiB fetch from 1 provider goes, {args.runs} runs")
+    for k in out["tcp"]:
+        fmt = "{:.0f}" if k in ("MB/s", "groups committed") else "{:.3f}"
+        table.add_row(k, fmt.format(out["tcp"][k]), fmt.format(out["tls"].get(k, 0.0)))
+    console.print(table)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=256)
@@ -287,11 +394,14 @@ def main() -> None:
     ap.add_argument("--reuse-tokens", type=int, default=2048, help="document length of the reuse rows (0: skip)")
     ap.add_argument("--reuse-model", default="qwen3-0.6b-shape")
     ap.add_argument("--reuse-runs", type=int, default=3)
+    ap.add_argument("--breakdown", action="store_true", help="also time the steps of 1-provider bulk fetches")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "transfer.json")
     args = ap.parse_args()
     report: dict = {}
     if args.only != "none":
         report["transfer"] = transfer(args)
+    if args.breakdown:
+        report["breakdown"] = breakdown(args)
     if args.reuse_tokens:
         with tempfile.TemporaryDirectory(prefix="kvnet-reuse-") as tmpdir:
             res = reuse_rows(Path(tmpdir), args.reuse_model, args.reuse_tokens, args.reuse_runs)
