@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvnet.store import NotFoundError, Store
-from kvnet.store_writer import GroupWriter, WriterClosedError
+from kvnet.store_writer import WriterClosedError
 from tests.artifacts import fake_artifact
 from tests.test_store_crash import _present_in_index, unsound_present_pieces
 
@@ -61,6 +61,7 @@ def test_a_piece_of_the_wrong_size_is_refused_and_a_closed_writer_takes_nothing(
         with pytest.raises(Exception, match="do not fit the manifest"):
             w.submit(0, pieces[0][:-1])
         w.close()
+        w.close()  # idempotent
         with pytest.raises(WriterClosedError):
             w.submit(0, pieces[0])
         assert store.missing_pieces(sm.id) == [0, 1, 2]
@@ -145,11 +146,21 @@ def test_a_writer_killed_mid_write_leaves_only_durable_pieces_marked_and_resume_
     assert unsound_present_pieces(root) == []
 
 
-def test_group_writer_is_what_a_store_hands_out(tmp_path):
-    sm, _ = fake_artifact(74, 1)
-    with Store(tmp_path) as store:
-        store.put_manifest(sm.raw)
-        w = store.group_writer(sm.id)
-        assert isinstance(w, GroupWriter)
-        w.close()
-        w.close()  # idempotent
+def test_a_writer_makes_room_for_its_whole_fetch_first_or_refuses(tmp_path):
+    """Capacity is made once, when the writer opens: an older unpinned artifact is evicted for the
+    reserved bytes; with nothing evictable the open fails with StoreFullError and marks nothing."""
+    from kvnet.store import StoreFullError
+
+    old, old_pieces = fake_artifact(75, 3)
+    new, _ = fake_artifact(76, 3)
+    with Store(tmp_path, capacity_bytes=4 << 20) as store:
+        store.put_manifest(old.raw)
+        store.put_pieces(old.id, list(enumerate(old_pieces)))
+        store.put_manifest(new.raw)
+        store.pin(old.id)
+        with pytest.raises(StoreFullError):
+            store.group_writer(new.id, reserve=new.manifest.total_bytes)
+        assert store.missing_pieces(old.id) == []  # pinned: kept
+        store.pin(old.id, False)
+        store.group_writer(new.id, reserve=new.manifest.total_bytes).close()
+        assert old.id not in {e.id for e in store.entries()}  # evicted for the reservation
