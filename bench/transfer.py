@@ -434,20 +434,19 @@ def transfer(args: argparse.Namespace) -> dict:
                 rows[f"bulk {mode}, 1 provider: receive + verify (no store)"] = [
                     trio.run(receive_only, addrs[0], sm.id, mode)["mb_s"] for _ in range(args.runs)]
             paths = (("libp2p streams", None),) if args.only == "all" else ()
-            for label, bulk in (*paths, ("bulk tls", "tls"), ("bulk tcp", "tcp")):
-                for n in (1, 3):
-                    runs, rx, cpu = [], [], []
-                    for r in range(args.runs):
-                        res = trio.run(fetch_once, tmp / f"C-{bulk}-{n}-{r}", addrs[0], sm.id, n, args.window,
-                                       args.batch, bulk, pids)
-                        console.print(f"  {label}, {n} provider(s), run {r + 1}: {res['mb_s']:.0f} MB/s, "
-                                      f"received {res['received']:.3f}x, CPU s fetcher {res['cpu']['fetcher']:.2f} "
-                                      f"providers {res['cpu']['providers']:.2f}, {res['paths']} {res['per_provider']}")
-                        runs.append(res["mb_s"])
-                        rx.append(res["received"])
-                        cpu.append(res["cpu"])
+            cases = [(label, bulk, n) for label, bulk in (*paths, ("bulk tls", "tls"), ("bulk tcp", "tcp"))
+                     for n in (1, 3)]
+            for r in range(args.runs):  # runs interleaved across rows: a load change hits every row alike
+                for label, bulk, n in cases:
+                    res = trio.run(fetch_once, tmp / f"C-{bulk}-{n}-{r}", addrs[0], sm.id, n, args.window,
+                                   args.batch, bulk, pids)
+                    console.print(f"  {label}, {n} provider(s), run {r + 1}: {res['mb_s']:.0f} MB/s, "
+                                  f"received {res['received']:.3f}x, CPU s fetcher {res['cpu']['fetcher']:.2f} "
+                                  f"providers {res['cpu']['providers']:.2f}, {res['paths']} {res['per_provider']}")
                     name = f"{label}, {n} provider{'s' if n > 1 else ''} (verify + store)"
-                    rows[name], received[name], cpus[name] = runs, rx, cpu
+                    rows.setdefault(name, []).append(res["mb_s"])
+                    received.setdefault(name, []).append(res["received"])
+                    cpus.setdefault(name, []).append(res["cpu"])
         finally:
             for p in procs:
                 p.terminate()
