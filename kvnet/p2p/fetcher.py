@@ -50,7 +50,7 @@ OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
 WRITE_BATCH = 16  # pieces per group commit (one fdatasync, one index transaction)
 BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
-MIN_BULK_GRANT = 8  # pieces: shares shrink as the fetch ends; 3 providers made 31 grants per 256 pieces without
+MIN_BULK_GRANT = 8  # pieces; shares shrink as a fetch ends (without this floor: 31 grants per 256 pieces, 3 providers)
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
 
@@ -243,16 +243,16 @@ class Fetch:
         the writer's queue is full). An endgame duplicate that lost the race, or a piece arriving
         after the fetch ended, is dropped and its buffer reused."""
         with self._lock:
-            take = self.writer is not None and i in self.pending and i not in self.queued
+            writer = self.writer  # the trio side may close it (and clear this) at any moment
+            take = writer is not None and i in self.pending and i not in self.queued
             if take:
                 self.queued.add(i)
                 last = len(self.queued) >= len(self.pending)
-        if take:
-            assert self.writer is not None
+        if writer is not None and take:
             if last:  # every pending piece is in the writer's hands: commit without waiting for a full group
-                self.writer.flush()
+                writer.flush()
             try:
-                if self.writer.submit(i, data, p):
+                if writer.submit(i, data, p):
                     return
             except WriterClosedError:
                 pass  # the fetch is over (or the store failed, which the fetch reports)
