@@ -90,8 +90,10 @@ class GroupWriter:
             store.files.close_fds(self._fd, self._direct_fd)
             raise StoreError(f"cannot open the store index in {store.root}: {exc}") from exc
         self._q: queue.Queue = queue.Queue(queue_pieces)
-        self._cond = threading.Condition()  # guards _written, _flush, _closing
+        self._cond = threading.Condition()  # guards _written, _flush, _closing and the two counts
         self._written: list[Written] = []
+        self._submitted = 0  # pieces queued so far
+        self._writes_done = 0  # of those, pieces whose write returned (or failed)
         self._flush = False
         self._closing = False
         self._closed = False
@@ -116,20 +118,27 @@ class GroupWriter:
             raise ArtifactError(f"piece {index}: {len(data)} bytes do not fit the manifest")
         if index in self._have:
             return False
-        while True:
-            if self.failure is not None:
-                raise WriterClosedError(f"the store write failed: {self.failure}") from self.failure
-            if self._closing:
-                raise WriterClosedError("the group writer is closed")
-            try:
-                self._q.put((index, data, tag), timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
+        with self._cond:
+            self._submitted += 1
+        try:
+            while True:
+                if self.failure is not None:
+                    raise WriterClosedError(f"the store write failed: {self.failure}") from self.failure
+                if self._closing:
+                    raise WriterClosedError("the group writer is closed")
+                try:
+                    self._q.put((index, data, tag), timeout=POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+        except BaseException:
+            with self._cond:
+                self._submitted -= 1
+            raise
 
     def flush(self) -> None:
-        """Commit what is written as soon as the queue is empty, without waiting for a full group
-        (the caller has submitted the last piece it expects)."""
+        """From now on, commit as soon as every submitted piece is written, without waiting for a
+        full group (the caller has submitted the last piece it expects)."""
         with self._cond:
             self._flush = True
             self._cond.notify_all()
@@ -169,11 +178,11 @@ class GroupWriter:
                 spent += time.perf_counter() - t0
             size = len(data)
             self._release(data)
-            if self.failure is not None:
-                continue
             with self._cond:
-                self._written.append(Written(index, size, tag))
-                if len(self._written) >= self.group or (self._flush and self._q.empty()):
+                self._writes_done += 1
+                if self.failure is None:
+                    self._written.append(Written(index, size, tag))
+                if self._due():
                     self._cond.notify_all()
         with self._timer_lock:
             self.timers["pwrite"] += spent
@@ -189,8 +198,9 @@ class GroupWriter:
     # -- the committer thread ---------------------------------------------------------------------
 
     def _due(self) -> bool:
+        """Whether the committer should commit now (called holding the condition)."""
         return (len(self._written) >= self.group or self._closing
-                or (self._flush and bool(self._written) and self._q.empty()))
+                or (self._flush and bool(self._written) and self._writes_done == self._submitted))
 
     def _commit_loop(self) -> None:
         while True:

@@ -97,8 +97,12 @@ sm, pieces = fake_artifact(seed, 12)
 with Store(root) as store:
     store.put_manifest(sm.raw)
     todo = store.missing_pieces(sm.id)
-    committed = threading.Event()
-    w = store.group_writer(sm.id, group=4, on_commit=lambda b: committed.set())
+    committed, done = threading.Event(), []
+    def on_commit(batch):
+        done.extend(batch)
+        if len(done) >= 4:  # the first 4 pieces may be committed in more than one group
+            committed.set()
+    w = store.group_writer(sm.id, group=4, on_commit=on_commit)
     print("start", len(todo), flush=True)
     if die_after >= 0:
         for i in todo[:4]:
