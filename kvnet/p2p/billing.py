@@ -97,6 +97,7 @@ class _Debt:
 
     granted: int = 0
     paid: int = 0
+    open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
 
 
 class Biller:
@@ -111,6 +112,7 @@ class Biller:
         self.window = default_window(fee_per_mib) if window is None else window
         self.get_manifest = get_manifest
         self.accepted = 0  # receipts accepted (tests, stats)
+        self.refusals: dict[str, int] = {}  # payment_required / debtor / receipt_refused -> count
         self._debts: dict[bytes, _Debt] = {}
         self._lock = threading.Lock()  # bulk listener threads give back unsent bytes
         self._db = trio.CapacityLimiter(1)
@@ -132,6 +134,7 @@ class Biller:
         try:
             sr = receipts.parse_receipt(raw)
         except ReceiptError as exc:
+            self._count("receipt_refused")
             raise _refused(exc) from exc
         kinds = {ln.kind for ln in sr.receipt.lines}
         try:
@@ -152,6 +155,7 @@ class Biller:
             if exc.rule == "skipped_sequence":
                 latest = self.ledger.latest(sr.channel_id)
                 seq = latest.seq if latest is not None else 0
+            self._count("receipt_refused")
             raise _refused(exc, seq, sr.channel_id) from exc
         self.accepted += 1
         return sum(ln.units for ln in sr.receipt.lines) if kinds == {"hosting"} else 0
@@ -200,27 +204,38 @@ class Biller:
         with self._lock:
             debt.paid += paid_now
             owed = hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib)
-        if self.ledger.is_debtor(payer) or owed >= self.window:
-            if paid_now == 0:
-                owed_total = self.ledger.paid_by(payer, self.currency) + 1
-                await self._call(self.ledger.mark_debtor, payer, self.currency, owed_total,
-                                 f"over the credit window of {self.window} with no payment")
+            idle = debt.open == 0
+        debtor = self.ledger.is_debtor(payer)
+        if debtor or owed >= self.window:
+            if debtor or (paid_now == 0 and idle):  # it has all it was granted, over the window, and pays nothing
+                if not debtor:
+                    await self._call(self.ledger.mark_debtor, payer, self.currency,
+                                     self.ledger.paid_by(payer, self.currency) + 1,
+                                     f"over the credit window of {self.window} with no payment")
+                self._count("debtor")
                 raise wire.WireError("debtor", f"{owed} owed, over the credit window of {self.window}: "
                                                "refused until a receipt pays for what was delivered")
             if owed >= self.window:
+                self._count("payment_required")
                 raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
                                                          "the next request must pay for what was delivered")
         with self._lock:
             debt.granted += n_bytes
+            debt.open += n_bytes
 
-    def returned(self, peer: str, n_bytes: int) -> None:
-        """Granted bytes that were not sent after all (missing pieces, a failed or expired grant)."""
+    def _count(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+
+    def finished(self, peer: str, granted: int, unsent: int) -> None:
+        """A granted request of `granted` bytes is over; `unsent` of them were not sent after all
+        (missing pieces, a failed or expired grant) and are not owed. Thread-safe."""
         payer = peer_key(peer)
-        if payer is None or self.fee_per_mib == 0 or n_bytes <= 0:
+        if payer is None or self.fee_per_mib == 0:
             return
         with self._lock:
             d = self._debt(payer)
-            d.granted = max(0, d.granted - n_bytes)
+            d.open = max(0, d.open - granted)
+            d.granted = max(0, d.granted - unsent)
 
     def owed(self, peer: str) -> int:
         """What `peer` owes now for bytes granted beyond its receipts (micro-units)."""
@@ -513,15 +528,16 @@ async def _ask(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, req
 
 
 async def collect(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, ledger: Ledger,
-                  timeout: float = 10.0) -> int:
+                  timeout: float = 10.0, publisher: bytes | None = None) -> int:
     """As a publisher: collect the license receipts `peer` holds for us into our ledger (`in`);
-    the number newly accepted. A refusal raises WireError with the host's code (`forbidden`)."""
+    the number newly accepted. A refusal raises WireError with the host's code (`forbidden`).
+    `publisher` (default: our key) exists so tests can ask for someone else's and be refused."""
     assert ledger.me is not None
     after, new = 0, 0
     while True:
         with trio.fail_after(timeout):
             answer = await _ask(open_stream, peer, {"v": wire.PROTOCOL_VERSION, "op": "collect",
-                                                    "publisher": ledger.me, "after": after})
+                                                    "publisher": publisher or ledger.me, "after": after})
         if "err" in answer:
             raise wire.WireError(str(answer.get("err")), str(answer.get("msg", "")))
         for raw in wire.field(answer, "receipts", list):

@@ -177,14 +177,14 @@ class BulkServer:
         try:
             self._reserve(peer)
         except BaseException:
-            self.pieces.unbill(peer, n_bytes)
+            self.pieces.unbill(peer, n_bytes, n_bytes)
             raise
         try:
             self.pieces.charge(peer, n_bytes)
         except BaseException:
             with self._lock:
                 self._unreserve(peer)
-            self.pieces.unbill(peer, n_bytes)
+            self.pieces.unbill(peer, n_bytes, n_bytes)
             raise
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
@@ -220,7 +220,7 @@ class BulkServer:
             if g.expires <= now:
                 del self._grants[token]
                 self._unreserve(g.peer)
-                self.pieces.unbill(g.peer, _grant_bytes(g))  # never redeemed: nothing of it is owed
+                self.pieces.unbill(g.peer, _grant_bytes(g), _grant_bytes(g))  # never redeemed: nothing owed
 
     def _redeem(self, token: bytes, mode: str) -> Grant | None:
         """The grant for `token`, removed (single use), if it exists, has not expired, and was issued
@@ -291,8 +291,9 @@ class BulkServer:
                 try:
                     self._send_grant(conn, grant)
                 except BaseException:  # cut mid-grant: what it sent is the payer's to pay, the rest forgiven
-                    self.pieces.unbill(grant.peer, _grant_bytes(grant))
+                    self.pieces.unbill(grant.peer, _grant_bytes(grant), _grant_bytes(grant))
                     raise
+                self.pieces.unbill(grant.peer, _grant_bytes(grant), 0)
                 nxt = self._read_hello(conn, mode, self.limits.idle_s)
                 if nxt.peer != grant.peer:
                     raise _Closed("token")

@@ -130,10 +130,10 @@ class PieceServer:
             return
         await self.biller.admit(peer, sm, n_bytes, raw)
 
-    def unbill(self, peer: str, n_bytes: int) -> None:
-        """Granted bytes that were not sent after all (thread-safe)."""
+    def unbill(self, peer: str, granted: int, unsent: int) -> None:
+        """A granted request is over, `unsent` of its `granted` bytes not sent after all (thread-safe)."""
         if self.biller is not None:
-            self.biller.returned(peer, n_bytes)
+            self.biller.finished(peer, granted, unsent)
 
     async def handle_receipts(self, stream: Any) -> None:
         await self.guard(stream, "receipts", self._receipts)
@@ -311,8 +311,8 @@ class PieceServer:
         sm, indices = await self.resolve(req)
         mid = sm.id
         peer = stream_peer(stream)
-        unsent = sum(sm.manifest.piece_len(i) for i in indices)
-        await self.bill(peer, sm, unsent, req)
+        granted = unsent = sum(sm.manifest.piece_len(i) for i in indices)
+        await self.bill(peer, sm, granted, req)
         try:
             for i in indices:
                 try:
@@ -328,7 +328,7 @@ class PieceServer:
                 self.served_bytes += len(data)
             await wire.write_frame(stream, {"done": True})
         finally:
-            self.unbill(peer, unsent)  # what was granted and not sent is not owed
+            self.unbill(peer, granted, unsent)  # what was granted and not sent is not owed
 
 
 def piece_indices(ranges: list) -> list[int]:
