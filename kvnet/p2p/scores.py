@@ -15,7 +15,8 @@ import trio
 
 GOOD_PIECE = 0.1
 MAX_SCORE = 10.0
-# "overbilled": a host billed more than its offer's fee (kvnet.p2p.billing); "refused": a provider answered busy / rate_limited (loaded, not lying); "abuse": a peer this node
+# "overbilled": a host billed more than its offer's fee (kvnet.p2p.billing);
+# "refused": a provider answered busy / rate_limited (loaded, not lying); "abuse": a peer this node
 # refused for going over its serving limits (scored by the server, at most once per limit window);
 # "over_limit": a peer whose stream this node reset at a connection or DHT cap (at most once per
 # LIMIT_PENALTY_WINDOW_S: a flood of refused streams costs one disk write, not one per stream).
