@@ -30,6 +30,7 @@ import trio
 from libp2p.peer.id import ID
 
 from kvnet import receipts
+from kvnet.errors import KvnetError, NetworkError
 from kvnet.ledger import Cost, Ledger, SpendingLimitError, SpendingLimits
 from kvnet.manifest import SignedManifest
 from kvnet.p2p import wire
@@ -282,11 +283,11 @@ class Biller:
 # -- the payer ------------------------------------------------------------------------------------
 
 
-class PaymentWait(Exception):
+class PaymentWait(KvnetError):
     """The host wants payment before it serves more: pay for what verified, then ask again."""
 
 
-class PayDrop(Exception):
+class PayDrop(NetworkError):
     """The host bills what we do not owe (or refuses a correct receipt): drop it, score it down."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -376,6 +377,11 @@ class Payer:
         best = ranked[0][1]
         by_peer = {p.peer: p for p in providers}
         chosen = [by_peer[peer] for peer, idx in ranked if idx <= best * PRICE_SLACK]
+        cheapest = min(p.fee_per_mib for p in chosen)
+        # price only ever leaves out a pricier host: one as cheap is kept whatever its score (the
+        # fetch itself avoids peers with a bad record, kvnet.p2p.scores)
+        chosen += [by_peer[peer] for peer, _ in ranked
+                   if by_peer[peer] not in chosen and by_peer[peer].fee_per_mib <= cheapest]
         held = set().union(*(p.have for p in chosen))
         for peer, _ in ranked:  # a pricier provider still joins for pieces the cheap ones lack
             p = by_peer[peer]
