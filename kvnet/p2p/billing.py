@@ -137,17 +137,8 @@ class Biller:
         except ReceiptError as exc:
             self._count("receipt_refused")
             raise _refused(exc) from exc
-        kinds = {ln.kind for ln in sr.receipt.lines}
         try:
-            if kinds == {"hosting"}:
-                self._check_hosting(sr)
-                payee, currency = self.me, self.currency
-            elif kinds == {"license"}:
-                sm = sm if sm is not None and sr.receipt.lines[0].manifest == sm.id else await self._manifest(sr)
-                self._check_license(sr, sm)
-                payee, currency = sm.manifest.publisher, sm.manifest.terms.currency
-            else:
-                raise ReceiptError("malformed", "a receipt on the wire is all hosting or all license lines")
+            payee, currency = await self._check_lines(sr, sm)
             await self._call(self.ledger.accept, raw, payee, expect_payer=payer, expect_currency=currency)
         except ReceiptError as exc:
             if exc.rule == "replayed":  # a payer resending after a lost answer: already held, nothing new
@@ -159,32 +150,41 @@ class Biller:
             self._count("receipt_refused")
             raise _refused(exc, seq, sr.channel_id) from exc
         self.accepted += 1
-        return sum(ln.units for ln in sr.receipt.lines) if kinds == {"hosting"} else 0
+        return sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
 
-    async def _manifest(self, sr: SignedReceipt) -> SignedManifest:
+    async def _check_lines(self, sr: SignedReceipt, sm: SignedManifest | None) -> tuple[bytes, str]:
+        """Each line priced as quoted: hosting at this node's fee (only in a receipt made out to us),
+        license at its manifest's price, made out to its publisher. The (payee, currency) to accept with."""
+        lines = sr.receipt.lines
+        made_to_us = sr.receipt.channel.payee == self.me
+        currency = self.currency if any(ln.kind == "hosting" for ln in lines) else None
+        for ln in lines:
+            if ln.kind == "hosting":
+                if not made_to_us:
+                    raise ReceiptError("wrong_payee", "hosting lines are paid to the host that served them")
+                want = hosting_cost(ln.units, self.fee_per_mib)
+                if ln.amount != want:
+                    raise ReceiptError("wrong_amount", f"a hosting line for {ln.units} bytes at "
+                                                       f"{self.fee_per_mib}/MiB costs {want}, not {ln.amount}")
+                continue
+            m = (sm if sm is not None and ln.manifest == sm.id else await self._manifest(ln.manifest)).manifest
+            if m.publisher != sr.receipt.channel.payee:
+                raise ReceiptError("wrong_payee", "a license is paid to the manifest's publisher")
+            if currency is not None and m.terms.currency != currency:
+                raise ReceiptError("wrong_currency", f"license in {m.terms.currency!r}, receipt in {currency!r}")
+            currency = m.terms.currency
+            if ln.amount != ln.units * m.terms.price_per_load:
+                raise ReceiptError("wrong_amount", f"{ln.units} loads at {m.terms.price_per_load} cost "
+                                                   f"{ln.units * m.terms.price_per_load}, not {ln.amount}")
+        return sr.receipt.channel.payee, currency or self.currency
+
+    async def _manifest(self, mid: bytes) -> SignedManifest:
         if self.get_manifest is None:
             raise ReceiptError("malformed", "license receipts come with a request for that manifest")
         try:
-            return await self.get_manifest(sr.receipt.lines[0].manifest)
+            return await self.get_manifest(mid)
         except Exception as exc:  # noqa: BLE001 - unknown manifest: we cannot check the price
             raise ReceiptError("malformed", "a license receipt for a manifest this node does not hold") from exc
-
-    def _check_hosting(self, sr: SignedReceipt) -> None:
-        for ln in sr.receipt.lines:
-            want = hosting_cost(ln.units, self.fee_per_mib)
-            if ln.amount != want:
-                raise ReceiptError("wrong_amount", f"a hosting line for {ln.units} bytes at {self.fee_per_mib}/MiB "
-                                                   f"costs {want}, not {ln.amount}")
-
-    @staticmethod
-    def _check_license(sr: SignedReceipt, sm: SignedManifest) -> None:
-        price = sm.manifest.terms.price_per_load
-        for ln in sr.receipt.lines:
-            if ln.manifest != sm.id:
-                raise ReceiptError("malformed", "a license receipt on the wire is for one manifest")
-            if ln.amount != ln.units * price:
-                raise ReceiptError("wrong_amount", f"{ln.units} loads at {price} cost {ln.units * price}, "
-                                                   f"not {ln.amount}")
 
     async def admit(self, peer: str, sm: SignedManifest, n_bytes: int, raw: list[bytes]) -> None:
         """Before a request for `n_bytes` of piece bytes of `sm` is granted: take its receipts
