@@ -88,8 +88,15 @@ def test_two_processes_agree_and_the_export_verifies_in_a_fresh_process(tmp_path
     identity.generate(payer / "identity.key")
     proc, addr = _serve(host)
     try:
+        over = subprocess.run(_kvnet("fetch", "--home", str(payer), "--bootstrap", addr, "--manifest", sm.id.hex(),
+                                     "--max-per-mib", str(FEE - 1)), capture_output=True, text=True, env=_env(),
+                              timeout=120)
+        assert over.returncode == 1 and "spending limit per_mib" in over.stderr, over.stderr
+        with Store(payer / "store") as store:
+            assert store.present_pieces(sm.id) == set()  # refused before any byte moved
         r = subprocess.run(_kvnet("fetch", "--home", str(payer), "--bootstrap", addr, "--manifest", sm.id.hex(),
-                                  "--json"), capture_output=True, text=True, env=_env(), timeout=120)
+                                  "--max-per-mib", str(FEE), "--json"), capture_output=True, text=True, env=_env(),
+                           timeout=120)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["fetched"] == len(pieces)
         views = {}
