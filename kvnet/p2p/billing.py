@@ -51,6 +51,7 @@ COLLECT_PAGE = 256  # receipts per `collect` answer (256 x 8 KiB = 2 MiB, below 
 PRICE_SLACK = 1.5  # providers whose price index is within this factor of the best one are used
 RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price index 20% worse
 RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
+MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
 
@@ -331,6 +332,7 @@ class _Account:
     unpaid: int = 0  # verified piece bytes not yet in a receipt
     unsent: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (channel, seq) -> raw, unacknowledged
     paid: int = 0  # micro-units signed to it in this fetch
+    resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
 
 
 class Payer:
@@ -458,17 +460,21 @@ class FetchPayments:
         done = set(sent)
         acct.unsent = {k: v for k, v in acct.unsent.items() if v not in done}
 
-    async def refused(self, peer: str, head: dict) -> None:
-        """A payment refusal from `peer`: raise PaymentWait (pay, then ask again) or PayDrop."""
+    async def refused(self, peer: str, head: dict, sent: list[bytes] | None = None) -> None:
+        """A payment refusal from `peer` of a request that carried `sent`: raise PaymentWait (pay,
+        then ask again) or PayDrop. `payment_required` and `debtor` come after the host took the
+        request's receipts, so those are acknowledged (resending them would change nothing)."""
         code = head.get("err")
         if code in ("payment_required", "debtor"):
+            self.acknowledged(peer, sent)
             raise PaymentWait(f"{code}: {head.get('msg', '')}")
         rule = head.get("rule")
         acct = self.accounts.get(peer)
         if rule == "skipped_sequence" and acct is not None and isinstance(head.get("seq"), int) \
                 and isinstance(head.get("channel"), bytes):
+            acct.resends += 1
             missing = await self.payer.call(self.payer.ledger.receipts_after, head["channel"], head["seq"])
-            if not missing:
+            if not missing or acct.resends > MAX_RESENDS:
                 raise PayDrop("protocol", "host claims it lacks receipts we never signed")
             for raw in missing:  # resend what the host lacks, in order (docs/payments.md, "Paying")
                 sr = receipts.parse_receipt(raw)
@@ -503,7 +509,7 @@ class FetchPayments:
                         answer = await _ask(open_stream, acct.peer, {"v": wire.PROTOCOL_VERSION, "op": "pay",
                                                                      "receipt": raw})
                     if "err" in answer:
-                        await self.refused(acct.peer, answer)
+                        await self.refused(acct.peer, answer, raw)
                     self.acknowledged(acct.peer, raw)
             except PaymentWait:
                 try:  # the host lacked earlier receipts: one more round with them

@@ -237,7 +237,7 @@ class Fetch:
         next frames of the same answer acknowledge nothing)."""
         if self.payments is not None:
             if head.get("err") in billing.PAYMENT_CODES and "i" not in head:
-                await self.payments.refused(p.peer, head)
+                await self.payments.refused(p.peer, head, paid)
             self.payments.acknowledged(p.peer, paid)
         return None
 
