@@ -215,3 +215,25 @@ def test_price_weighs_with_speed_and_score():
     assert rank_by_price([Candidate("a", 100, mb_per_s=100), Candidate("b", 50, mb_per_s=20)])[0][0] == "a"
     assert rank_by_price([Candidate("a", 100), Candidate("b", 50, score=-10)])[0][0] == "a"
     assert rank_by_price([Candidate("a", 0), Candidate("b", 0)])[0][1] == 1.0
+
+
+@pytest.mark.trio
+async def test_a_receipt_recorded_but_never_sent_is_resent_when_the_payee_asks(tmp_path):
+    """A payer that recorded a receipt and died before sending it (its next receipt skips a seq at the
+    payee): the payee answers `skipped_sequence` with its latest seq, the payer resends, both agree."""
+    sm, pieces = fake_artifact(77, 2, piece_size=PIECE)
+    h = _holding(tmp_path, "H", sm, pieces)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    ch = c.ledger.open_channel(_key(h), "USD")
+    lost = c.ledger.pay(ch, [Line(sm.id, "hosting", PIECE, hosting_cost(PIECE, FEE))])  # never sent
+    async with trio.open_nursery() as n:
+        await _start(n, h, c)
+        result = await c.fetch(await c.find_manifest(sm.id), bulk=None)
+        n.cancel_scope.cancel()
+    assert result.fetched == len(pieces)
+    # skipped_sequence (once per request already on its way when the first answer came), then resent
+    assert set(h.server.biller.refusals) == {"receipt_refused"} and 1 <= h.server.biller.refusals["receipt_refused"] <= 4
+    assert h.ledger.latest(ch.id).seq == c.ledger.latest(ch.id).seq > 1
+    held = h.ledger.db.execute("SELECT raw FROM receipts WHERE seq=1").fetchone()[0]
+    assert held == lost.raw  # the very receipt that was recorded, not a new one for the same seq
+    assert _channels(c.ledger, "out") == _channels(h.ledger, "in")
