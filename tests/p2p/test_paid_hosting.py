@@ -232,7 +232,8 @@ async def test_a_receipt_recorded_but_never_sent_is_resent_when_the_payee_asks(t
         n.cancel_scope.cancel()
     assert result.fetched == len(pieces)
     # skipped_sequence (once per request already on its way when the first answer came), then resent
-    assert set(h.server.biller.refusals) == {"receipt_refused"} and 1 <= h.server.biller.refusals["receipt_refused"] <= 4
+    refusals = h.server.biller.refusals
+    assert set(refusals) == {"receipt_refused"} and 1 <= refusals["receipt_refused"] <= 4
     assert h.ledger.latest(ch.id).seq == c.ledger.latest(ch.id).seq > 1
     held = h.ledger.db.execute("SELECT raw FROM receipts WHERE seq=1").fetchone()[0]
     assert held == lost.raw  # the very receipt that was recorded, not a new one for the same seq
