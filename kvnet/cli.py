@@ -623,7 +623,8 @@ def _fetch_report(outcome, as_json: bool) -> None:
         summary.update({"fetched": r.fetched, "already_had": r.already_had, "bytes": r.bytes,
                         "seconds": round(r.seconds, 4), "mb_per_s": round(r.mb_per_s, 2),
                         "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"],
-                                          "path": r.paths.get(p)} for p, s in r.providers.items()}})
+                                          "path": r.paths.get(p)} for p, s in r.providers.items()},
+                        "paid": outcome.paid})
     if as_json:
         _emit_json(summary)
     if error is not None:
@@ -638,6 +639,9 @@ def _fetch_report(outcome, as_json: bool) -> None:
         path = f" over {r.paths[peer]}" if peer in r.paths else ""
         out.print(f"  {peer}: {stats['pieces']} pieces{path}" + (f", dropped ({stats['dropped']})"
                                                           if stats["dropped"] else ""), highlight=False)
+    if any(outcome.paid.values()):
+        out.print(f"paid {sum(outcome.paid.values()):,} micro-units for hosting (receipts in the ledger: "
+                  "`kvnet ledger`)", highlight=False)
 
 
 # -- the ledger ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ class FetchOutcome:
     found: Found | None
     result: FetchResult | None
     error: str | None = None  # why the fetch failed (nobody had some pieces, the store is full, ...)
+    paid: dict[str, int] = field(default_factory=dict)  # peer -> micro-units signed for hosting
 
 
 async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes | None = None,
@@ -107,7 +108,7 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
             except (FetchError, StoreError, ManifestError, SpendingLimitError) as exc:
                 error = str(exc)
         nursery.cancel_scope.cancel()
-    return FetchOutcome(found, result, error)
+    return FetchOutcome(found, result, error, dict(node.last_paid) if result is not None else {})
 
 
 def unreachable_message(node: Node) -> str:

@@ -205,6 +205,7 @@ class Node:
                                             credit_window, get_manifest=lambda mid: self.runner.call(
                                                 self.store.get_manifest, mid))
         self.payer = billing.Payer(self.ledger, spending)
+        self.last_paid: dict[str, int] = {}  # peer -> micro-units signed for hosting in the last fetch
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -581,6 +582,7 @@ class Node:
             raise
         await pay.settle(self._open, self.timeout)
         self.payer.observed(result)
+        self.last_paid = pay.totals()
         if self.announcing and self._background is not None:
             self._background.start_soon(self._announce_in_background)
         return result

@@ -98,7 +98,8 @@ def test_two_processes_agree_and_the_export_verifies_in_a_fresh_process(tmp_path
                                   "--max-per-mib", str(FEE), "--json"), capture_output=True, text=True, env=_env(),
                            timeout=120)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["fetched"] == len(pieces)
+        summary = json.loads(r.stdout)
+        assert summary["fetched"] == len(pieces)
         views = {}
         for name, home in (("payer", payer), ("host", host)):  # read while the host still runs
             v = subprocess.run(_kvnet("ledger", "--home", str(home), "--json"), capture_output=True, text=True,
@@ -112,6 +113,7 @@ def test_two_processes_agree_and_the_export_verifies_in_a_fresh_process(tmp_path
     got = [(p["peer"], p["amount"]) for p in views["host"]["peers"] if p["role"] == "in"]
     assert len(out) == len(got) == 1 and out[0][0] == host_key and got[0][0] == payer_key
     assert out[0][1] == got[0][1] >= hosting_cost(sm.manifest.total_bytes, FEE)
+    assert summary["paid"] == {addr.rsplit("/", 1)[1]: got[0][1]}  # what `kvnet fetch --json` reports
     _assert_agree(payer, host)
 
     batch = tmp_path / "batch.kvs"
