@@ -209,6 +209,26 @@ async def test_a_cheaper_honest_host_is_chosen(tmp_path):
     assert _pid(dear) not in result.providers and dear.ledger.paid_by(_key(c), "USD") == 0
 
 
+@pytest.mark.trio
+async def test_a_pricier_host_still_serves_what_the_cheap_one_lacks(tmp_path):
+    sm, pieces = fake_artifact(78, 2, piece_size=PIECE)
+    half = len(pieces) // 2
+    cheap = make_node(tmp_path, "cheap", timeout=3.0, terms=HostingTerms(fee_per_mib=10))
+    cheap.store.put_manifest(sm.raw)
+    cheap.store.put_pieces(sm.id, list(enumerate(pieces[:half])))
+    dear = _holding(tmp_path, "dear", sm, pieces, fee=100)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await _start(n, dear, cheap, c)
+        result = await c.fetch(await c.find_manifest(sm.id))
+        n.cancel_scope.cancel()
+    assert result.fetched == len(pieces)
+    assert result.providers[_pid(dear)]["pieces"] >= len(pieces) - half  # at least what only it holds
+    for host in (cheap, dear):  # each paid for what it delivered, at its own fee
+        out = c.ledger.paid_by(_key(c), "USD", payee=_key(host))
+        assert out == host.ledger.paid_by(_key(c), "USD") > 0
+
+
 def test_price_weighs_with_speed_and_score():
     # a cheaper host a little slower wins; one much slower, or with a bad record, loses
     assert rank_by_price([Candidate("a", 100, mb_per_s=100), Candidate("b", 50, mb_per_s=80)])[0][0] == "b"
