@@ -12,6 +12,15 @@
 Each run uses fresh ledgers in --dir (default: the system temp dir; its disk sets the durable rows).
 Prints min/median/max receipts per second and writes bench/out/receipts.json. With 1 MiB pieces and a
 receipt per piece, the durable rates bound the fetch speed payments allow: N receipts/s pays N MiB/s.
+
+With --fetch-mb M (e.g. 256), it also measures the payment overhead on a fetch: one `kvnet serve`
+process holds an M MiB artifact, and this process fetches it with a fresh node and ledger each time,
+alternately from the provider serving for free and serving at --fee per MiB (a separate `kvnet serve`
+process each, the same store), --fetch-runs times each, in the same run. The time is `Node.fetch`
+wall clock, including the final payment (`pay` on /kvnet/receipts/1.0.0). Receipts go per group of
+pieces (one per grant or pieces request), not per piece.
+
+    .venv/bin/python -m bench.receipts --n 500 --runs 1 --fetch-mb 256 --fetch-runs 3
 """
 
 from __future__ import annotations
@@ -69,6 +78,76 @@ def run_once(n: int, k: int, where: Path) -> dict[str, float]:
     return rates
 
 
+FETCH_FEE = 40
+
+
+async def _fetch_once(home: Path, addr: str, mid: bytes, bulk: str | None) -> dict[str, float]:
+    from functools import partial
+
+    import trio
+
+    from kvnet.p2p import commands
+
+    node = commands.open_node(home, None, [addr], timeout=10.0)
+    async with trio.open_nursery() as n:
+        await n.start(partial(node.run, announce=False))
+        found = await node.find_manifest(mid)
+        t0 = time.perf_counter()
+        r = await node.fetch(found, bulk=bulk)
+        seconds = time.perf_counter() - t0
+        n.cancel_scope.cancel()
+    receipts_n = node.ledger.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+    paid = node.ledger.db.execute("SELECT COALESCE(SUM(cumulative), 0) FROM channels WHERE role='out'").fetchone()[0]
+    node.ledger.close()
+    node.store.close()
+    return {"mb_per_s": r.bytes / 1e6 / seconds, "seconds": seconds, "bytes": r.bytes, "receipts": receipts_n,
+            "paid": paid}
+
+
+def _serve(home: Path, fee: int):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home), "--fee-per-mib",
+                             str(fee)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline().split()
+    if not first or first[0] != "listening":
+        raise RuntimeError(f"kvnet serve did not start: {proc.stderr.read()}")
+    return proc, first[1]
+
+
+def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None) -> dict:
+    """MB/s of an `mb` MiB fetch from one provider, free and paid, alternating, `runs` times each."""
+    import trio
+
+    from kvnet import identity as ident
+    from tests.artifacts import fake_artifact, provider_home
+
+    sm, pieces = fake_artifact(7, mb, kv_shape=(28, 8, 128))
+    out: dict[str, list[dict[str, float]]] = {"free": [], "paid": []}
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        home = provider_home(Path(tmp), "P", sm, pieces)
+        del pieces
+        for i in range(runs):
+            order = ("free", "paid") if i % 2 == 0 else ("paid", "free")
+            for kind in order:
+                proc, addr = _serve(home, FETCH_FEE if kind == "paid" else 0)
+                try:
+                    fhome = Path(tmp) / f"F-{kind}-{i}"
+                    ident.generate(fhome / "identity.key")
+                    r = trio.run(_fetch_once, fhome, addr, sm.id, bulk)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                console.print(f"run {i + 1} {kind}: {r['mb_per_s']:.1f} MB/s, {r['receipts']} receipts, "
+                              f"paid {r['paid']}", highlight=False)
+                out[kind].append(r)
+    med = {k: statistics.median(x["mb_per_s"] for x in v) for k, v in out.items()}
+    return {"mb": mb, "runs": runs, "bulk": bulk, "fee_per_mib": FETCH_FEE, "runs_detail": out,
+            "median_mb_per_s": med, "overhead_pct": round(100 * (1 - med["paid"] / med["free"]), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="receipts per run")
@@ -76,6 +155,9 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=1, help="lines per receipt (1..64)")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "receipts.json")
+    ap.add_argument("--fetch-mb", type=int, default=0, help="also measure a fetch of this many MiB (0: skip)")
+    ap.add_argument("--fetch-runs", type=int, default=3, help="fetches of each kind (free, paid)")
+    ap.add_argument("--bulk", default="tls", choices=["tls", "tcp", "off"], help="fetch path")
     args = ap.parse_args()
     runs = [run_once(args.n, args.lines, args.dir) for _ in range(args.runs)]
     title = f"receipts: {args.n} per run, {args.lines} line(s) each, {args.runs} runs, ledgers in {args.dir}"
@@ -90,9 +172,21 @@ def main() -> None:
     ch = Channel.new(identity.public_bytes(key), b"\x02" * 32, "USD")
     sample = receipts.sign_receipt(key, ch, 1, 40 * args.lines, _lines(args.lines))
     console.print(f"receipt size with {args.lines} line(s): {len(sample.raw)} bytes")
+    fetch = None
+    if args.fetch_mb:
+        fetch = fetch_overhead(args.fetch_mb, args.fetch_runs, args.dir, None if args.bulk == "off" else args.bulk)
+        t = Table("fetch", "median MB/s", "runs MB/s", "receipts (paid)",
+                  title=f"{args.fetch_mb} MiB from one provider, bulk {args.bulk}, fee {FETCH_FEE}/MiB")
+        for kind in ("free", "paid"):
+            rs = fetch["runs_detail"][kind]
+            t.add_row(kind, f"{fetch['median_mb_per_s'][kind]:.1f}", ", ".join(f"{r['mb_per_s']:.1f}" for r in rs),
+                      ", ".join(str(r["receipts"]) for r in rs))
+        console.print(t)
+        console.print(f"payment overhead: {fetch['overhead_pct']:.1f}% of throughput (median vs median)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"n": args.n, "runs": args.runs, "lines": args.lines, "dir": str(args.dir),
-                                    "receipt_bytes": len(sample.raw), "per_second": result}, indent=2) + "\n")
+                                    "receipt_bytes": len(sample.raw), "per_second": result, "fetch": fetch},
+                                   indent=2) + "\n")
     console.print(f"wrote {args.out}")
 
 

@@ -461,8 +461,42 @@ def check_payments(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> None:
     for case in v["hosting_cost"]:
         c.eq(f"hosting cost {case['bytes']} B at {case['fee_per_mib']}",
              (case["bytes"] * case["fee_per_mib"] + (1 << 20) - 1) // (1 << 20), case["cost"])
+    check_payment_wire(c, v)
     c.eq("payment limits", v["limits"], {"max_receipt_bytes": MAX_RECEIPT_BYTES, "max_lines": MAX_LINES,
                                          "nonce_bytes": 16, "max_currency_bytes": 16})
+
+
+PAYMENT_FRAME_KEYS = {  # docs/protocol.md, "Payments on requests" and `/kvnet/receipts/1.0.0`
+    "paid pieces request": {"v", "manifest", "ranges", "receipt"},
+    "paid bulk grant request": {"v", "manifest", "ranges", "mode", "receipt"},
+    "payment_required": {"v", "err", "msg"},
+    "receipt_refused skipped_sequence": {"v", "err", "msg", "rule", "seq", "channel"},
+    "receipts pay": {"v", "op", "receipt"},
+    "receipts pay answer": {"v", "ok"},
+    "receipts collect": {"v", "op", "publisher", "after"},
+    "receipts collect answer": {"v", "receipts", "next", "more"},
+    "forbidden": {"v", "err", "msg"},
+}
+
+
+def check_payment_wire(c: Checker, v: dict[str, Any]) -> None:
+    """Each payment message's frame, its fields, and that the receipts it carries are the vectors' own."""
+    signed = [bytes.fromhex(r["signed_hex"]) for r in v["receipts"]]
+    frames = {f["name"]: f for f in v["wire"]}
+    c.eq("payment frames", set(frames), set(PAYMENT_FRAME_KEYS))
+    for name, f in frames.items():
+        msg = from_typed(f["message"])
+        c.eq(f"frame {name}", frame(msg).hex(), f["frame_hex"])
+        c.eq(f"frame {name} fields", set(msg), PAYMENT_FRAME_KEYS[name])
+        carried = msg.get("receipt") or msg.get("receipts") or []
+        c.eq(f"frame {name} carries 1..4 vector receipts", all(r in signed for r in carried)
+             and (name == "receipts collect answer" or len(carried) <= 4), True)
+        for r in carried:
+            c.eq(f"frame {name} receipt valid", receipt_problem(r), None)
+    c.eq("collect asks for the payee", from_typed(frames["receipts collect"]["message"])["publisher"],
+         _public(v["payee_private_key"]))
+    refused = from_typed(frames["receipt_refused skipped_sequence"]["message"])
+    c.eq("refusal names the channel", refused["channel"].hex(), v["channel_id"])
 
 
 def check_batch(c: Checker, v: dict[str, Any]) -> None:

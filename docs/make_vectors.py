@@ -272,6 +272,7 @@ def payment_vectors(sm: manifest.SignedManifest) -> dict[str, Any]:
         "lines_do_not_add_up": receipts.sign_receipt(payer, ch, 3, last.receipt.cumulative + 1, host[:1], when=1),
     }
     batch = receipts.encode_batch(ch.payee, 1_800_001_000, [[sr.raw for sr in signed]])
+    wire_frames = payment_wire_vectors(sm, ch, signed)
     owed = receipts.verify_batch(batch).owed()
     return {
         "payer_private_key": TEST_PRIVATE_KEY.hex(),
@@ -288,9 +289,30 @@ def payment_vectors(sm: manifest.SignedManifest) -> dict[str, Any]:
         "hosting_cost": [{"bytes": n, "fee_per_mib": f, "cost": receipts.hosting_cost(n, f)}
                          for n, f in ((0, 40), (1, 1), (512, 40), (1 << 20, 40), ((1 << 20) + 1, 40),
                                       (3 << 19, 3), (256 << 20, 7), (10**12, 999_999))],
+        "wire": wire_frames,
         "limits": {"max_receipt_bytes": receipts.MAX_RECEIPT_BYTES, "max_lines": receipts.MAX_LINES,
                    "nonce_bytes": receipts.NONCE_BYTES, "max_currency_bytes": receipts.MAX_CURRENCY_BYTES},
     }
+
+
+def payment_wire_vectors(sm: manifest.SignedManifest, ch: receipts.Channel,
+                         signed: list[receipts.SignedReceipt]) -> list[dict[str, Any]]:
+    """The payment messages of docs/protocol.md ("Payments on requests", `/kvnet/receipts/1.0.0`),
+    carrying the payment vectors' receipts."""
+    v, n = wire.PROTOCOL_VERSION, len(sm.manifest.pieces)
+    return [
+        _frame("paid pieces request", {"v": v, "manifest": sm.id, "ranges": [[1, n]], "receipt": [signed[0].raw]}),
+        _frame("paid bulk grant request", {"v": v, "manifest": sm.id, "ranges": [[0, n]], "mode": "tls",
+                                           "receipt": [signed[0].raw, signed[1].raw]}),
+        _frame("payment_required", wire.error("payment_required", "owed 80, the credit window is 80")),
+        _frame("receipt_refused skipped_sequence", wire.error("receipt_refused", "seq 3 after 1: expected 2",
+                                                              rule="skipped_sequence", seq=1, channel=ch.id)),
+        _frame("receipts pay", {"v": v, "op": "pay", "receipt": [signed[2].raw]}),
+        _frame("receipts pay answer", {"v": v, "ok": True}),
+        _frame("receipts collect", {"v": v, "op": "collect", "publisher": ch.payee, "after": 0}),
+        _frame("receipts collect answer", {"v": v, "receipts": [sr.raw for sr in signed], "next": 3, "more": False}),
+        _frame("forbidden", wire.error("forbidden", "only the publisher's own peer may collect its receipts")),
+    ]
 
 
 def build() -> dict[str, Any]:

@@ -96,6 +96,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF folder, o
                                         "qwen3-4b-shape.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (default) or fp32.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; messages stay on stderr.")]
+CurrencyOpt = Annotated[str, typer.Option(help="Currency label of fees and limits (1..16 bytes of UTF-8).")]
 LogLevel = Annotated[Level, typer.Option(
     "--log-level", envvar="KVNET_LOG_LEVEL", case_sensitive=False, callback=_log_level, is_eager=True,
     help="Log detail on stderr (libp2p's own errors appear from info, all its logs at debug).")]
@@ -513,11 +514,19 @@ def serve(home: Home = DEFAULT_HOME, listen: ListenOpt = None, bootstrap: Bootst
                                                    "(connections, slots, fds, memory, DHT records).")] = None,
           stats_interval: Annotated[float, typer.Option(min=0.1, help="Seconds between --stats-file "
                                                                       "writes.")] = 5.0,
+          fee_per_mib: Annotated[int, typer.Option(min=0, help="Hosting fee in micro-units per MiB served "
+                                                               "(docs/payments.md); 0: free.")] = 0,
+          currency: CurrencyOpt = "USD",
+          credit_window: Annotated[int | None, typer.Option(min=0, help="Micro-units a payer may owe before "
+                                                                        "it must pay; default the cost of "
+                                                                        "64 MiB at --fee-per-mib.")] = None,
           log_level: LogLevel = Level.warning):
     """Join the network and serve this node's store until interrupted (prints its address)."""
     from kvnet.p2p import commands
+    from kvnet.p2p.server import HostingTerms
 
-    node = _open_node(home, listen, bootstrap or [], capacity_bytes=capacity_mb * 2**20 if capacity_mb else None)
+    node = _open_node(home, listen, bootstrap or [], capacity_bytes=capacity_mb * 2**20 if capacity_mb else None,
+                      terms=HostingTerms(fee_per_mib, currency), credit_window=credit_window)
     _run_trio(commands.serve, node, lambda n: commands.line(f"listening {n.addrs[0]}"), stats_file,
               stats_interval)
 
@@ -550,10 +559,18 @@ def fetch(
     bulk: Annotated[BulkMode, typer.Option(
         help="How piece bytes travel: a bulk connection over TLS 1.3 (the default), plain TCP (public "
              "artifacts only: readable on the path), or libp2p streams only (off).")] = BulkMode.tls,
+    max_per_load: Annotated[int | None, typer.Option(min=0, help="Most to pay for a license, per load "
+                                                                 "(micro-units); default no limit.")] = None,
+    max_per_mib: Annotated[int | None, typer.Option(min=0, help="Highest hosting fee per MiB to pay.")] = None,
+    max_per_peer_per_day: Annotated[int | None, typer.Option(min=0, help="Most to pay one peer in 24 h.")] = None,
+    max_per_day: Annotated[int | None, typer.Option(min=0, help="Most to pay in total in 24 h.")] = None,
+    currency: CurrencyOpt = "USD",
     as_json: JsonOpt = False,
     log_level: LogLevel = Level.warning,
 ):
     """Find KV on the network (by manifest id or by a prompt's prefix), fetch it verified, store it."""
+    from kvnet.ledger import SpendingLimits
+
     if (manifest is None) == (prompt_file is None):
         raise _fail("give exactly one of --manifest or --prompt-file")
     if not bootstrap:
@@ -564,7 +581,8 @@ def fetch(
     elif model is None:
         raise _fail("--prompt-file needs --model")
     text = read_text(prompt_file) if prompt_file is not None else None
-    node = _open_node(home, None, bootstrap)  # key, store and bootstrap checked before the model
+    spending = SpendingLimits(currency, max_per_load, max_per_mib, max_per_peer_per_day, max_per_day)
+    node = _open_node(home, None, bootstrap, spending=spending)  # key, store and bootstrap checked before the model
     with node.store:
         if text is not None:
             engine = _engine(model, dtype)
@@ -605,7 +623,8 @@ def _fetch_report(outcome, as_json: bool) -> None:
         summary.update({"fetched": r.fetched, "already_had": r.already_had, "bytes": r.bytes,
                         "seconds": round(r.seconds, 4), "mb_per_s": round(r.mb_per_s, 2),
                         "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"],
-                                          "path": r.paths.get(p)} for p, s in r.providers.items()}})
+                                          "path": r.paths.get(p)} for p, s in r.providers.items()},
+                        "paid": outcome.paid})
     if as_json:
         _emit_json(summary)
     if error is not None:
@@ -620,6 +639,9 @@ def _fetch_report(outcome, as_json: bool) -> None:
         path = f" over {r.paths[peer]}" if peer in r.paths else ""
         out.print(f"  {peer}: {stats['pieces']} pieces{path}" + (f", dropped ({stats['dropped']})"
                                                           if stats["dropped"] else ""), highlight=False)
+    if any(outcome.paid.values()):
+        out.print(f"paid {sum(outcome.paid.values()):,} micro-units for hosting (receipts in the ledger: "
+                  "`kvnet ledger`)", highlight=False)
 
 
 # -- the ledger ---------------------------------------------------------------------------------------

@@ -290,6 +290,15 @@ class Ledger:
             return [r[0] for r in self.db.execute("SELECT raw FROM receipts WHERE channel=? AND seq>? ORDER BY seq",
                                                   (channel_id, seq))]
 
+    def held_for(self, payee: bytes, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """(cursor, raw) of the receipts held for `payee` (license receipts kept for a publisher), in the
+        order they were accepted (so each channel's in sequence), after cursor `after` (0: from the
+        start): what `/kvnet/receipts/1.0.0` hands the publisher page by page."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self.db.execute(
+                "SELECT r.rowid, r.raw FROM receipts r JOIN channels c ON c.id = r.channel WHERE c.role='held' "
+                "AND c.payee=? AND r.rowid>? ORDER BY r.rowid LIMIT ?", (payee, after, limit))]
+
     def spent(self, since: float, payee: bytes | None = None, currency: str | None = None) -> int:
         """What we signed for (receipt lines) since `since` (unix seconds of the receipts' time)."""
         sql = "SELECT COALESCE(SUM(r.added), 0) FROM receipts r JOIN channels c ON c.id = r.channel " \

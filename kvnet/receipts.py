@@ -46,7 +46,7 @@ KINDS = {"hosting": "bytes", "license": "loads"}  # line kind -> the unit it cou
 RULES = (
     "oversized", "malformed", "non_canonical", "unsupported_version", "wrong_channel", "bad_signature",
     "wrong_payee", "wrong_payer", "wrong_currency", "replayed", "repeated_sequence", "skipped_sequence",
-    "lower_cumulative", "lines_do_not_add_up", "bad_batch",
+    "lower_cumulative", "lines_do_not_add_up", "bad_batch", "wrong_amount",
 )
 
 

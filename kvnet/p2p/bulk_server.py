@@ -166,18 +166,25 @@ class BulkServer:
         await self.pieces.guard(stream, "bulk", self._grant)
 
     async def _grant(self, stream: Any) -> None:
-        req = await self.pieces.read_request(stream, bw.BULK_FIELDS)
+        req = await self.pieces.read_request(stream, bw.BULK_FIELDS, paid=True)
         mode = req.get("mode", bw.DEFAULT_MODE)
         if mode not in bw.MODES:
             raise wire.WireError("malformed", f"mode must be one of {sorted(bw.MODES)}")
         sm, indices = await self.pieces.resolve(req)
         peer = stream_peer(stream)
-        self._reserve(peer)
+        n_bytes = sum(sm.manifest.piece_len(i) for i in indices)
+        await self.pieces.bill(peer, sm, n_bytes, req)  # receipts taken, credit window (kvnet.p2p.billing)
         try:
-            self.pieces.charge(peer, sum(sm.manifest.piece_len(i) for i in indices))
+            self._reserve(peer)
+        except BaseException:
+            self.pieces.unbill(peer, n_bytes, n_bytes)
+            raise
+        try:
+            self.pieces.charge(peer, n_bytes)
         except BaseException:
             with self._lock:
                 self._unreserve(peer)
+            self.pieces.unbill(peer, n_bytes, n_bytes)
             raise
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
@@ -213,6 +220,7 @@ class BulkServer:
             if g.expires <= now:
                 del self._grants[token]
                 self._unreserve(g.peer)
+                self.pieces.unbill(g.peer, _grant_bytes(g), _grant_bytes(g))  # never redeemed: nothing owed
 
     def _redeem(self, token: bytes, mode: str) -> Grant | None:
         """The grant for `token`, removed (single use), if it exists, has not expired, and was issued
@@ -280,7 +288,12 @@ class BulkServer:
                 self._send_error(conn, "busy", f"at most {self.limits.conns_per_peer} bulk connections per peer")
                 raise _Closed("busy")
             while True:
-                self._send_grant(conn, grant)
+                try:
+                    self._send_grant(conn, grant)
+                except BaseException:  # cut mid-grant: what it sent is the payer's to pay, the rest forgiven
+                    self.pieces.unbill(grant.peer, _grant_bytes(grant), _grant_bytes(grant))
+                    raise
+                self.pieces.unbill(grant.peer, _grant_bytes(grant), 0)
                 nxt = self._read_hello(conn, mode, self.limits.idle_s)
                 if nxt.peer != grant.peer:
                     raise _Closed("token")
@@ -451,6 +464,10 @@ def _piece_spans(store: Store, mid: bytes, indices: list[int]) -> list[tuple[Pat
         except NotFoundError:
             out.append(None)
     return out
+
+
+def _grant_bytes(g: Grant) -> int:
+    return sum(g.signed.manifest.piece_len(i) for i in g.indices)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,10 +20,12 @@ import trio
 
 from kvnet import identity
 from kvnet.errors import first_kvnet_error
+from kvnet.ledger import Ledger, SpendingLimitError, SpendingLimits
 from kvnet.manifest import ManifestError
 from kvnet.p2p.bulk_wire import DEFAULT_MODE
 from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node, validate_bootstrap
+from kvnet.p2p.server import HostingTerms
 from kvnet.p2p.stats import STATS_INTERVAL_S, stats_loop
 from kvnet.store import Store, StoreError
 
@@ -32,13 +34,17 @@ NO_BOOTSTRAP = "no peer was asked (no --bootstrap given)"
 
 
 def open_node(home: Path, listen: list[str] | None, bootstrap: list[str], timeout: float = 10.0,
-              capacity_bytes: int | None = None) -> Node:
-    """A node for `home`. Bootstrap addresses are checked first: a malformed one is a `BootstrapError`."""
+              capacity_bytes: int | None = None, terms: HostingTerms | None = None,
+              credit_window: int | None = None, spending: SpendingLimits | None = None) -> Node:
+    """A node for `home`. Bootstrap addresses are checked first: a malformed one is a `BootstrapError`.
+    Payments: `terms` (what it charges for hosting), `credit_window`, `spending` limits; the ledger is
+    `<home>/ledger.sqlite` (docs/payments.md)."""
     validate_bootstrap(bootstrap)
     key = identity.load(home / "identity.key")
     store = Store(home / "store", capacity_bytes=capacity_bytes)
     return Node(key, store, listen=listen, bootstrap=bootstrap, scores_path=home / "peer-scores.sqlite",
-                timeout=timeout)
+                timeout=timeout, terms=terms, ledger=Ledger(home / "ledger.sqlite", key),
+                credit_window=credit_window, spending=spending)
 
 
 async def serve(node: Node, on_ready: Callable[[Node], None], stats_file: Path | None = None,
@@ -63,6 +69,7 @@ class FetchOutcome:
     found: Found | None
     result: FetchResult | None
     error: str | None = None  # why the fetch failed (nobody had some pieces, the store is full, ...)
+    paid: dict[str, int] = field(default_factory=dict)  # peer -> micro-units signed for hosting
 
 
 async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes | None = None,
@@ -98,10 +105,10 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
             n = found.signed.manifest.n_tokens if manifest_id is not None else found.n_tokens
             try:
                 result = await node.fetch(found, n, on_piece=on_piece, bulk=bulk)
-            except (FetchError, StoreError, ManifestError) as exc:
+            except (FetchError, StoreError, ManifestError, SpendingLimitError) as exc:
                 error = str(exc)
         nursery.cancel_scope.cancel()
-    return FetchOutcome(found, result, error)
+    return FetchOutcome(found, result, error, dict(node.last_paid) if result is not None else {})
 
 
 def unreachable_message(node: Node) -> str:

@@ -37,7 +37,7 @@ import trio
 
 from kvnet.errors import NetworkError
 from kvnet.manifest import SignedManifest
-from kvnet.p2p import bulk_wire, wire
+from kvnet.p2p import billing, bulk_wire, wire
 from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
@@ -69,6 +69,8 @@ class Provider:
     received: int = 0  # piece bytes read from this provider, endgame duplicates and discarded ones included
     path: str = "streams"  # how its pieces came: "streams", "bulk-tls" or "bulk-tcp"
     connected: bool = False  # a stream was opened to it in this fetch (so the libp2p connection exists)
+    fee_per_mib: int = 0  # its offer's hosting fee and currency (kvnet.p2p.billing pays it)
+    currency: str = "USD"
     dial_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -101,8 +103,11 @@ class Fetch:
     def __init__(self, signed: SignedManifest, needed: list[int], providers: list[Provider], runner: StoreRunner,
                  open_stream: OpenStream, scores: PeerScores, *, window: int = 4, batch: int = 8,
                  timeout: float = 10.0, on_piece: Callable[[int, int], None] | None = None,
-                 bulk: str | None = None, bulk_batch: int = BULK_BATCH) -> None:
-        """`bulk`: the bulk mode to ask providers for ("tls", "tcp"), or None for `pieces` streams only."""
+                 bulk: str | None = None, bulk_batch: int = BULK_BATCH,
+                 payments: billing.FetchPayments | None = None) -> None:
+        """`bulk`: the bulk mode to ask providers for ("tls", "tcp"), or None for `pieces` streams only;
+        `payments`: pays hosts for verified pieces and carries the receipts on requests (None: free)."""
+        self.payments = payments
         self.sm, self.m = signed, signed.manifest
         self.pending = set(needed)
         self.total = len(self.pending)
@@ -182,12 +187,14 @@ class Fetch:
             stream = await self._open(p, PIECES_PROTOCOL)
         try:
             ranges = _ranges(pieces)
+            paid = await self._receipts(p)
             with trio.fail_after(self.timeout):
                 await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "manifest": self.sm.id,
-                                                "ranges": ranges, "receipt": None})
+                                                "ranges": ranges, "receipt": paid})
             while True:
                 with trio.fail_after(self.timeout):
                     head = await wire.read_frame(stream, wire.MAX_REQUEST)
+                paid = await self._paid(p, paid, head)
                 if head.get("done") is True:
                     break
                 if "err" in head and "i" not in head:
@@ -238,10 +245,33 @@ class Fetch:
             p.connected = True
             return stream
 
+    async def _receipts(self, p: Provider) -> list[bytes] | None:
+        """The `receipt` field of the next request to `p` (kvnet.p2p.billing)."""
+        return None if self.payments is None else await self.payments.attach(p.peer)
+
+    async def _paid(self, p: Provider, paid: list[bytes] | None, head: dict) -> None:
+        """Act on the first answer to a request that carried `paid`: a payment refusal raises
+        billing.PaymentWait / PayDrop; anything else acknowledges the receipts. Returns None (so the
+        next frames of the same answer acknowledge nothing)."""
+        if self.payments is not None:
+            if head.get("err") in billing.PAYMENT_CODES and "i" not in head:
+                await self.payments.refused(p.peer, head, paid)
+            self.payments.acknowledged(p.peer, paid)
+        return None
+
+    async def _pay_wait(self, p: Provider) -> None:
+        """A host wants payment before serving more: wait until something verified is owed to it."""
+        assert self.payments is not None
+        await self.payments.wait(p.peer, lambda: any(p.peer in a for a in self.in_flight.values()),
+                                 self.changed.wait)
+
     def offer(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
         """Hand a verified piece to the group writer (called from a receiving thread; blocks while
         the writer's queue is full). An endgame duplicate that lost the race, or a piece arriving
-        after the fetch ended, is dropped and its buffer reused."""
+        after the fetch ended, is dropped and its buffer reused. Every verified piece is owed to
+        its host, a losing duplicate too (the host sent it as asked)."""
+        if self.payments is not None:
+            self.payments.verified(p.peer, len(data))
         with self._lock:
             writer = self.writer  # the trio side may close it (and clear this) at any moment
             take = writer is not None and i in self.pending and i not in self.queued
@@ -326,7 +356,7 @@ class Fetch:
             try:
                 if await self._bulk_sessions(p):
                     return
-            except _Drop as exc:
+            except (_Drop, billing.PayDrop) as exc:
                 self._drop(p, exc.reason, str(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - resets, a vanished peer: unusable now
@@ -357,7 +387,11 @@ class Fetch:
                 return True
             try:
                 answer, host = await self._request_grant(p, pieces)
-            except _Drop:
+            except billing.PaymentWait:
+                self._release(p, pieces)
+                await self._pay_wait(p)
+                continue
+            except (_Drop, billing.PayDrop):
                 self._release(p, pieces)
                 raise
             except Exception as exc:  # noqa: BLE001 - not supported, a reset: try the streams
@@ -386,10 +420,12 @@ class Fetch:
         with trio.fail_after(self.timeout):
             stream = await self._open(p, bulk_wire.BULK_PROTOCOL)
         try:
+            paid = await self._receipts(p)
             with trio.fail_after(self.timeout):
                 await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "manifest": self.sm.id,
-                                                "ranges": _ranges(pieces), "mode": self.bulk, "receipt": None})
+                                                "ranges": _ranges(pieces), "mode": self.bulk, "receipt": paid})
                 answer = await wire.read_frame(stream, wire.MAX_REQUEST)
+            await self._paid(p, paid, answer)
             if "err" in answer:
                 reason = "refused" if answer.get("err") in wire.LOAD_CODES else "protocol"
                 raise _Drop(reason, f"peer refused a bulk grant: {answer.get('err')} {answer.get('msg', '')}")
@@ -422,8 +458,11 @@ class Fetch:
                 await self.changed.wait()
                 continue
             try:
-                await self._request(p, pieces)
-            except _Drop as exc:
+                try:
+                    await self._request(p, pieces)
+                except billing.PaymentWait:
+                    await self._pay_wait(p)
+            except (_Drop, billing.PayDrop) as exc:
                 self._drop(p, exc.reason, str(exc))
             except Exception as exc:  # noqa: BLE001 - dial failures, resets: the peer is unusable now
                 self._drop(p, "unreachable", repr(exc))
@@ -521,7 +560,17 @@ class _BulkSession(Handler):
                     answer, _ = await self.f._request_grant(self.p, pieces)
                     self._queue(ClientGrant(answer["token"], pieces))
                     queued = True
-                except _Drop as exc:  # e.g. over its budget: what is already granted still comes
+                except billing.PaymentWait:  # pay for what arrives from the grants still streaming
+                    self.f._release(self.p, pieces)
+                    queued = True
+                    self.slots.release()
+                    try:
+                        await self.f._pay_wait(self.p)
+                    except billing.PayDrop as exc:
+                        self.f._drop(self.p, exc.reason, str(exc))
+                        return
+                    continue
+                except (_Drop, billing.PayDrop) as exc:  # e.g. over its budget: what is already granted still comes
                     self.f._drop(self.p, exc.reason, str(exc))
                     return
                 except Exception as exc:  # noqa: BLE001 - a reset, a vanished peer

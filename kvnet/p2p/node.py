@@ -29,11 +29,12 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from kvnet import chain
 from kvnet.errors import BootstrapError
+from kvnet.ledger import Ledger, SpendingLimits
 from kvnet.manifest import ManifestError, SignedManifest, parse
-from kvnet.p2p import bulk_wire, wire
+from kvnet.p2p import billing, bulk_wire, wire
 from kvnet.p2p import dht as kdht
 from kvnet.p2p.bulk_server import BulkServer
-from kvnet.p2p.fetcher import FetchResult, Provider, fetch_pieces
+from kvnet.p2p.fetcher import FetchError, FetchResult, Provider, fetch_pieces
 from kvnet.p2p.host import (
     DEFAULT_LISTEN,
     REFUSED_HINT,
@@ -127,6 +128,11 @@ class Offer:
     peer: str
     signed: SignedManifest
     have: set[int]
+    fee_per_mib: int = 0  # the offering host's hosting fee (the offer answer's, for all its offers)
+    currency: str = "USD"
+
+    def provider(self) -> Provider:
+        return Provider(self.peer, set(self.have), fee_per_mib=self.fee_per_mib, currency=self.currency)
 
 
 @dataclass
@@ -159,9 +165,12 @@ class Node:
                  timeout: float = 10.0, watch_s: float = WATCH_S, growth_check_s: float = GROWTH_CHECK_S,
                  growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S,
                  serve_limits: ServeLimits | None = None, conn_limits: ConnectionLimits | None = None,
-                 bulk_listen: int | None = 0) -> None:
+                 bulk_listen: int | None = 0, ledger: Ledger | None = None, credit_window: int | None = None,
+                 spending: SpendingLimits | None = None) -> None:
         """`bulk_listen`: the TCP port of the bulk listener (on the IP of the first listen address;
-        0 picks a free one), or None to serve no bulk path (fetches from this node then use streams)."""
+        0 picks a free one), or None to serve no bulk path (fetches from this node then use streams).
+        Payments (kvnet.p2p.billing): `ledger` (default: one in memory), `credit_window` in micro-units
+        (default: the cost of 64 MiB at `terms`' fee), `spending` limits (default: none)."""
         self.key = key
         self.store = store
         self.runner = StoreRunner(store)
@@ -191,6 +200,12 @@ class Node:
         self._bootstrap_ids: set[ID] = set()  # asked first by lookups (Node._preferred)
         self.bulk_listen = bulk_listen
         self.bulk: BulkServer | None = None  # the bulk listener, while running
+        self.ledger = ledger if ledger is not None else Ledger(Path(":memory:"), key)
+        self.server.biller = billing.Biller(self.ledger, self.server.terms.fee_per_mib, self.server.terms.currency,
+                                            credit_window, get_manifest=lambda mid: self.runner.call(
+                                                self.store.get_manifest, mid))
+        self.payer = billing.Payer(self.ledger, spending)
+        self.last_paid: dict[str, int] = {}  # peer -> micro-units signed for hosting in the last fetch
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -206,6 +221,7 @@ class Node:
         async with running(self.host, self.listen):  # ListenError if an address cannot be listened on
             self.host.set_stream_handler(OFFER_PROTOCOL, self.server.handle_offer)
             self.host.set_stream_handler(PIECES_PROTOCOL, self.server.handle_pieces)
+            self.host.set_stream_handler(billing.RECEIPTS_PROTOCOL, self.server.handle_receipts)
             async with self._bulk_listener(), background_trio_service(self.dht), trio.open_nursery() as nursery:
                 # A fetch-only node looks up at once: its lookup walks on from the bootstrap peers'
                 # answers, so filling the routing table waits in the background (with Sybils
@@ -430,12 +446,15 @@ class Node:
                     with trio.CancelScope(shield=True), trio.move_on_after(1.0):  # also when the ask is dropped
                         await stream.close()
             out = []
+            fee, currency = wire.field(resp, "fee_per_mib", int), wire.field(resp, "currency", str)
+            if fee < 0:
+                raise wire.WireError("malformed", "fee_per_mib must be >= 0")
             for o in wire.field(resp, "offers", list)[:MAX_OFFERS_READ]:
                 if not isinstance(o, dict):
                     raise wire.WireError("malformed", "offer must be a map")
                 sm = parse(wire.field(o, "manifest", bytes))
                 have = wire.from_bitfield(wire.field(o, "have", bytes), len(sm.manifest.pieces))
-                out.append(Offer(who, sm, have))
+                out.append(Offer(who, sm, have, fee, currency))
             return out
         except (wire.WireError, ManifestError) as exc:
             self.scores.bad(who, "protocol")
@@ -470,7 +489,7 @@ class Node:
         if not chosen:
             return None
         return Found(chosen[0].signed, chosen[0].signed.manifest.n_tokens,
-                     [Provider(o.peer, set(o.have)) for o in chosen], 1, chosen)
+                     [o.provider() for o in chosen], 1, chosen)
 
     def _preferred(self, peer: ID) -> bool:
         """Peers a lookup asks first, before the closest: the operator's bootstrap peers and peers
@@ -550,14 +569,28 @@ class Node:
         node (`announce=False`) announces nothing.
         """
         sm = found.signed
-        await self.runner.call(self.store.put_manifest, sm.raw)
         needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
-        result = await fetch_pieces(sm, needed, found.providers, self.runner, self._open, self.scores,
-                                    background=self._background, window=window, batch=batch,
-                                    timeout=self.timeout, on_piece=on_piece, bulk=bulk)
+        # spending limits and provider choice (price, score, speed), before any byte moves
+        pay = self.payer.start(sm, found.providers, sum(sm.manifest.piece_len(i) for i in needed), self.scores)
+        await self.runner.call(self.store.put_manifest, sm.raw)
+        try:
+            result = await fetch_pieces(sm, needed, pay.providers, self.runner, self._open, self.scores,
+                                        background=self._background, window=window, batch=batch,
+                                        timeout=self.timeout, on_piece=on_piece, bulk=bulk, payments=pay)
+        except FetchError:
+            await pay.settle(self._open, self.timeout)  # pay for what did verify
+            raise
+        await pay.settle(self._open, self.timeout)
+        self.payer.observed(result)
+        self.last_paid = pay.totals()
         if self.announcing and self._background is not None:
             self._background.start_soon(self._announce_in_background)
         return result
+
+    async def collect_receipts(self, peer: str) -> int:
+        """As a publisher: collect the license receipts `peer` (a host) keeps for us into our ledger
+        (`/kvnet/receipts/1.0.0`); how many were new. A host refusing raises WireError (`forbidden`)."""
+        return await billing.collect(self._open, peer, self.ledger, self.timeout)
 
     async def _announce_in_background(self) -> None:
         try:
@@ -624,5 +657,5 @@ def _best_for_prefix(offers: list[Offer], key: bytes, n: int, tokens: list[int],
     if best is None:
         return None
     chosen = by_id[best[1]]
-    providers = [Provider(o.peer, set(o.have)) for o in chosen]
+    providers = [o.provider() for o in chosen]
     return Found(chosen[0].signed, best[0], providers, queries, chosen)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from kvnet.manifest import SignedManifest
-from kvnet.p2p import wire
+from kvnet.p2p import billing, wire
 from kvnet.pieces import ArtifactError
 from kvnet.store import NotFoundError, Store
 
@@ -116,6 +116,33 @@ class PieceServer:
         self.served_bytes = 0
         self.refused: dict[str, int] = {}  # error code -> refusals for a serving limit (busy, rate_limited)
         self._use: dict[str, _PeerUse] = {}
+        self.biller: billing.Biller | None = None  # payments (kvnet.p2p.billing); set by the node
+
+    # -- payments (kvnet.p2p.billing) -----------------------------------------------------------
+
+    async def bill(self, peer: str, sm: SignedManifest, n_bytes: int, req: dict) -> None:
+        """Take the request's receipts and grant `n_bytes` within the credit window, or raise the
+        WireError to answer (`pieces` and `bulk` alike). Without a biller, receipts are refused."""
+        raw = billing.receipts_field(req)
+        if self.biller is None:
+            if raw:
+                raise wire.WireError("malformed", "receipt must be nil: this node takes no payments")
+            return
+        await self.biller.admit(peer, sm, n_bytes, raw)
+
+    def unbill(self, peer: str, granted: int, unsent: int) -> None:
+        """A granted request is over, `unsent` of its `granted` bytes not sent after all (thread-safe)."""
+        if self.biller is not None:
+            self.biller.finished(peer, granted, unsent)
+
+    async def handle_receipts(self, stream: Any) -> None:
+        await self.guard(stream, "receipts", self._receipts)
+
+    async def _receipts(self, stream: Any) -> None:
+        req = await self.read_request(stream, billing.RECEIPTS_FIELDS, paid=True)
+        if self.biller is None:
+            raise wire.WireError("malformed", "this node takes no payments")
+        await wire.write_frame(stream, await self.biller.handle(stream_peer(stream), req))
 
     # -- per-peer limits ------------------------------------------------------------------------
 
@@ -162,7 +189,7 @@ class PieceServer:
         except wire.WireError as exc:
             log.info("%s from %s: %s", name, stream_peer(stream), exc)
             if exc.code in wire.ERROR_CODES:
-                ok = await self._try_send(stream, wire.error(exc.code, exc.msg))
+                ok = await self._try_send(stream, wire.error(exc.code, exc.msg, **exc.extra))
             # else the stream itself failed (reset by the peer): nothing to answer, reset it
         except trio.TooSlowError:
             log.info("%s from %s: request timed out", name, stream_peer(stream))
@@ -183,11 +210,11 @@ class PieceServer:
             pass
         return False
 
-    async def read_request(self, stream: Any, allowed: frozenset[str]) -> dict:
+    async def read_request(self, stream: Any, allowed: frozenset[str], paid: bool = False) -> dict:
         """The one request frame of a stream, within the request timeout and size limit, with the
-        fields every request shares checked: `v` must be 1 and `receipt` nil or absent (receipts
-        are reserved for payments; a v1 server cannot honour one, so it refuses rather than ignore it),
-        and no field outside `allowed`."""
+        fields every request shares checked: `v` must be 1; `receipt` nil or absent unless the
+        request is `paid` (pieces, bulk, receipts: then nil or an array of receipts, checked by
+        kvnet.p2p.billing.receipts_field), and no field outside `allowed`."""
         try:
             with trio.fail_after(self.request_timeout):
                 req = await wire.read_frame(stream, wire.MAX_REQUEST)
@@ -197,8 +224,10 @@ class PieceServer:
             raise
         if req.get("v") != wire.PROTOCOL_VERSION:
             raise wire.WireError("malformed", f"unsupported version {req.get('v')!r} (this node speaks 1)")
-        if req.get("receipt") is not None:
-            raise wire.WireError("malformed", "receipt must be nil: payments are not supported yet")
+        if paid:
+            billing.receipts_field(req)
+        elif req.get("receipt") is not None:
+            raise wire.WireError("malformed", "receipt must be nil in this request")
         unknown = sorted(set(req) - allowed)
         if unknown:
             raise wire.WireError("malformed", f"unknown fields {unknown[:4]!r}")
@@ -278,21 +307,28 @@ class PieceServer:
         return sm, indices
 
     async def _pieces(self, stream: Any) -> None:
-        req = await self.read_request(stream, PIECES_FIELDS)
+        req = await self.read_request(stream, PIECES_FIELDS, paid=True)
         sm, indices = await self.resolve(req)
         mid = sm.id
-        for i in indices:
-            try:
-                data = await self.runner.call(self.runner.store.read_piece, mid, i)
-            except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
-                await wire.write_frame(stream, {"i": i, "err": "missing"})
-                continue
-            self._charge(stream, len(data))
-            await wire.write_frame(stream, {"i": i, "n": len(data)})
-            await stream.write(bytes(data))
-            self.served_pieces += 1
-            self.served_bytes += len(data)
-        await wire.write_frame(stream, {"done": True})
+        peer = stream_peer(stream)
+        granted = unsent = sum(sm.manifest.piece_len(i) for i in indices)
+        await self.bill(peer, sm, granted, req)
+        try:
+            for i in indices:
+                try:
+                    data = await self.runner.call(self.runner.store.read_piece, mid, i)
+                except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
+                    await wire.write_frame(stream, {"i": i, "err": "missing"})
+                    continue
+                self._charge(stream, len(data))
+                await wire.write_frame(stream, {"i": i, "n": len(data)})
+                await stream.write(bytes(data))
+                unsent -= sm.manifest.piece_len(i)
+                self.served_pieces += 1
+                self.served_bytes += len(data)
+            await wire.write_frame(stream, {"done": True})
+        finally:
+            self.unbill(peer, granted, unsent)  # what was granted and not sent is not owed
 
 
 def piece_indices(ranges: list) -> list[int]:

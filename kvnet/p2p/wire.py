@@ -20,7 +20,7 @@ MAX_RESPONSE = 16 * 1024 * 1024
 # The codes a server may put in an error frame (docs/protocol.md, "Errors"). WireError also carries
 # the local-only codes "eof" and "reset" (how a read ended), which are never sent.
 ERROR_CODES = frozenset({"too_large", "malformed", "bad_range", "unknown_manifest", "timeout", "internal",
-                         "busy", "rate_limited"})
+                         "busy", "rate_limited", "payment_required", "debtor", "receipt_refused", "forbidden"})
 # Of these, the codes that refuse a request for the peer's load rather than its content: the request
 # may be fine later, so a client backs off from that provider instead of treating it as a liar.
 LOAD_CODES = frozenset({"busy", "rate_limited"})
@@ -29,10 +29,11 @@ LOAD_CODES = frozenset({"busy", "rate_limited"})
 class WireError(KvnetError):
     """The peer sent something malformed, oversized or unexpected, or closed early."""
 
-    def __init__(self, code: str, msg: str) -> None:
+    def __init__(self, code: str, msg: str, **extra: Any) -> None:
         super().__init__(f"{code}: {msg}")
         self.code = code
         self.msg = msg
+        self.extra = extra  # more fields of the error frame (a refused receipt's `rule`, `seq`, `channel`)
 
 
 class Stream(Protocol):

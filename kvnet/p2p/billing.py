@@ -1,0 +1,567 @@
+"""Payments on the wire (docs/payments.md, "On the wire"): the payee's `Biller`, the payer's `Payer`.
+
+Receipts travel in the `receipt` field of the libp2p control messages that ask for pieces (a `pieces`
+request, a bulk grant request) and on `/kvnet/receipts/1.0.0` (a payment with no request attached,
+and publishers collecting the license receipts a host keeps for them). The bulk data connection
+carries no payment data, so any faster transport reuses the same messages.
+
+Payee (`Biller`, consulted by the pieces and bulk servers before they grant a request): it accepts the
+request's receipts into its ledger, durably, before it grants anything; it serves a payer while the
+value granted to it beyond what it paid stays under the credit window, answers `payment_required`
+when over it, and cuts off as a `debtor` a payer over it that sends no payment at all.
+
+Payer (`Payer` per node, `FetchPayments` per fetch, called by kvnet.p2p.fetcher): it counts the
+piece bytes each host delivered that verified, and when it builds the next request to that host it
+signs one hosting receipt for all of them (receipts per group of pieces, not per piece), records it
+and attaches it. A load's license receipt goes with the first request of the fetch. After the fetch
+it pays what is left over `/kvnet/receipts/1.0.0`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from kvnet import receipts
+from kvnet.errors import KvnetError, NetworkError
+from kvnet.ledger import Cost, Ledger, SpendingLimitError, SpendingLimits
+from kvnet.manifest import SignedManifest
+from kvnet.p2p import wire
+from kvnet.receipts import Channel, Line, ReceiptError, SignedReceipt, hosting_cost
+
+__all__ = [
+    "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
+    "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
+    "rank_by_price", "receipts_field", "peer_key", "default_window",
+]
+
+log = logging.getLogger("kvnet.p2p.billing")
+
+RECEIPTS_PROTOCOL = "/kvnet/receipts/1.0.0"
+DEFAULT_WINDOW_MIB = 64  # default credit window: the cost of 64 MiB at the host's own fee
+MAX_RECEIPTS_PER_REQUEST = 4  # receipts one request (or one `pay` message) may carry
+COLLECT_PAGE = 256  # receipts per `collect` answer (256 x 8 KiB = 2 MiB, below the response limit)
+PRICE_SLACK = 1.5  # providers whose price index is within this factor of the best one are used
+RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price index 20% worse
+RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
+MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
+# error codes a payer acts on itself (the others end a request as before)
+PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
+
+
+def default_window(fee_per_mib: int) -> int:
+    """The credit window (micro-units) a host gives when its operator sets none."""
+    return hosting_cost(DEFAULT_WINDOW_MIB << 20, fee_per_mib)
+
+
+def peer_key(peer: str) -> bytes | None:
+    """The 32-byte Ed25519 key a base58 peer id embeds (kvnet peer ids are Ed25519 identity hashes)."""
+    try:
+        pub = ID.from_base58(peer).extract_public_key()
+        raw = pub.to_bytes() if pub is not None else None
+    except Exception:  # noqa: BLE001 - a peer id that is not an identity hash of a key
+        return None
+    return raw if isinstance(raw, bytes) and len(raw) == 32 else None
+
+
+def receipts_field(req: dict) -> list[bytes]:
+    """The `receipt` field of a request: nil/absent (no payment) or an array of 1..4 receipts' signed
+    bytes, each at most 8,192. Anything else is `malformed` (docs/protocol.md)."""
+    value = req.get("receipt")
+    if value is None:
+        return []
+    if (not isinstance(value, list) or not 0 < len(value) <= MAX_RECEIPTS_PER_REQUEST
+            or not all(isinstance(r, bytes) and len(r) <= receipts.MAX_RECEIPT_BYTES for r in value)):
+        raise wire.WireError("malformed", f"receipt must be nil or an array of 1..{MAX_RECEIPTS_PER_REQUEST} "
+                                          f"receipts (bin, at most {receipts.MAX_RECEIPT_BYTES} bytes each)")
+    return value
+
+
+def _refused(exc: ReceiptError, seq: int | None = None, channel: bytes | None = None) -> wire.WireError:
+    return wire.WireError("receipt_refused", str(exc), rule=exc.rule,
+                          **({"seq": seq, "channel": channel} if seq is not None else {}))
+
+
+# -- the payee ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Debt:
+    """One payer's account at this payee, since this process started: piece bytes granted (counted
+    when a request is granted, given back for what was not sent) and bytes its hosting receipts paid."""
+
+    granted: int = 0
+    paid: int = 0
+    open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
+
+
+class Biller:
+    """The payee's side: takes receipts, keeps each payer within the credit window."""
+
+    def __init__(self, ledger: Ledger, fee_per_mib: int, currency: str, window: int | None = None,
+                 get_manifest: Callable[[bytes], Awaitable[SignedManifest]] | None = None) -> None:
+        """`window`: the credit window in micro-units (None: `default_window(fee_per_mib)`);
+        `get_manifest(id)` looks up a manifest a license receipt on `/kvnet/receipts/1.0.0` names."""
+        self.ledger = ledger
+        self.fee_per_mib, self.currency = fee_per_mib, currency
+        self.window = default_window(fee_per_mib) if window is None else window
+        self.get_manifest = get_manifest
+        self.accepted = 0  # receipts accepted (tests, stats)
+        self.refusals: dict[str, int] = {}  # payment_required / debtor / receipt_refused -> count
+        self._debts: dict[bytes, _Debt] = {}
+        self._lock = threading.Lock()  # bulk listener threads give back unsent bytes
+        self._db = trio.CapacityLimiter(1)
+
+    @property
+    def me(self) -> bytes:
+        assert self.ledger.me is not None
+        return self.ledger.me
+
+    def _debt(self, payer: bytes) -> _Debt:
+        return self._debts.setdefault(payer, _Debt())
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kw), limiter=self._db)
+
+    async def take(self, payer: bytes, raw: bytes, sm: SignedManifest | None) -> int:
+        """Verify one receipt from `payer` and store it durably; the hosting bytes it pays (0 for a
+        license receipt, or one this node already holds). Raises WireError('receipt_refused')."""
+        try:
+            sr = receipts.parse_receipt(raw)
+        except ReceiptError as exc:
+            self._count("receipt_refused")
+            raise _refused(exc) from exc
+        try:
+            payee, currency = await self._check_lines(sr, sm)
+            await self._call(self.ledger.accept, raw, payee, expect_payer=payer, expect_currency=currency)
+        except ReceiptError as exc:
+            if exc.rule == "replayed":  # a payer resending after a lost answer: already held, nothing new
+                return 0
+            seq = None
+            if exc.rule == "skipped_sequence":
+                latest = self.ledger.latest(sr.channel_id)
+                seq = latest.seq if latest is not None else 0
+            self._count("receipt_refused")
+            raise _refused(exc, seq, sr.channel_id) from exc
+        self.accepted += 1
+        return sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
+
+    async def _check_lines(self, sr: SignedReceipt, sm: SignedManifest | None) -> tuple[bytes, str]:
+        """Each line priced as quoted: hosting at this node's fee (only in a receipt made out to us),
+        license at its manifest's price, made out to its publisher. The (payee, currency) to accept with."""
+        lines = sr.receipt.lines
+        made_to_us = sr.receipt.channel.payee == self.me
+        currency = self.currency if any(ln.kind == "hosting" for ln in lines) else None
+        for ln in lines:
+            if ln.kind == "hosting":
+                if not made_to_us:
+                    raise ReceiptError("wrong_payee", "hosting lines are paid to the host that served them")
+                want = hosting_cost(ln.units, self.fee_per_mib)
+                if ln.amount != want:
+                    raise ReceiptError("wrong_amount", f"a hosting line for {ln.units} bytes at "
+                                                       f"{self.fee_per_mib}/MiB costs {want}, not {ln.amount}")
+                continue
+            m = (sm if sm is not None and ln.manifest == sm.id else await self._manifest(ln.manifest)).manifest
+            if m.publisher != sr.receipt.channel.payee:
+                raise ReceiptError("wrong_payee", "a license is paid to the manifest's publisher")
+            if currency is not None and m.terms.currency != currency:
+                raise ReceiptError("wrong_currency", f"license in {m.terms.currency!r}, receipt in {currency!r}")
+            currency = m.terms.currency
+            if ln.amount != ln.units * m.terms.price_per_load:
+                raise ReceiptError("wrong_amount", f"{ln.units} loads at {m.terms.price_per_load} cost "
+                                                   f"{ln.units * m.terms.price_per_load}, not {ln.amount}")
+        return sr.receipt.channel.payee, currency or self.currency
+
+    async def _manifest(self, mid: bytes) -> SignedManifest:
+        if self.get_manifest is None:
+            raise ReceiptError("malformed", "license receipts come with a request for that manifest")
+        try:
+            return await self.get_manifest(mid)
+        except Exception as exc:  # noqa: BLE001 - unknown manifest: we cannot check the price
+            raise ReceiptError("malformed", "a license receipt for a manifest this node does not hold") from exc
+
+    async def admit(self, peer: str, sm: SignedManifest, n_bytes: int, raw: list[bytes]) -> None:
+        """Before a request for `n_bytes` of piece bytes of `sm` is granted: take its receipts
+        (durably), then grant it if the payer is within the credit window, else raise WireError
+        `payment_required` (it paid something, not enough yet) or `debtor` (it paid nothing: it is
+        recorded as a debtor, refused until a receipt raises what it paid)."""
+        payer = peer_key(peer)
+        if payer is None:
+            if raw or self.fee_per_mib:
+                raise wire.WireError("malformed", "this peer id carries no Ed25519 key to pay or be paid with")
+            return
+        paid_now = 0
+        for r in raw:
+            paid_now += await self.take(payer, r, sm)
+        if self.fee_per_mib == 0:
+            return
+        debt = self._debt(payer)
+        with self._lock:
+            debt.paid += paid_now
+            owed = hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib)
+            idle = debt.open == 0
+        debtor = self.ledger.is_debtor(payer)
+        if debtor or owed >= self.window:
+            if debtor or (paid_now == 0 and idle):  # it has all it was granted, over the window, and pays nothing
+                if not debtor:
+                    await self._call(self.ledger.mark_debtor, payer, self.currency,
+                                     self.ledger.paid_by(payer, self.currency) + 1,
+                                     f"over the credit window of {self.window} with no payment")
+                self._count("debtor")
+                raise wire.WireError("debtor", f"{owed} owed, over the credit window of {self.window}: "
+                                               "refused until a receipt pays for what was delivered")
+            if owed >= self.window:
+                self._count("payment_required")
+                raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
+                                                         "the next request must pay for what was delivered")
+        with self._lock:
+            debt.granted += n_bytes
+            debt.open += n_bytes
+
+    def _count(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+
+    def finished(self, peer: str, granted: int, unsent: int) -> None:
+        """A granted request of `granted` bytes is over; `unsent` of them were not sent after all
+        (missing pieces, a failed or expired grant) and are not owed. Thread-safe."""
+        payer = peer_key(peer)
+        if payer is None or self.fee_per_mib == 0:
+            return
+        with self._lock:
+            d = self._debt(payer)
+            d.open = max(0, d.open - granted)
+            d.granted = max(0, d.granted - unsent)
+
+    def owed(self, peer: str) -> int:
+        """What `peer` owes now for bytes granted beyond its receipts (micro-units)."""
+        payer = peer_key(peer)
+        d = self._debts.get(payer or b"")
+        return 0 if d is None else hosting_cost(max(0, d.granted - d.paid), self.fee_per_mib)
+
+    # -- /kvnet/receipts/1.0.0 ------------------------------------------------------------------
+
+    async def handle(self, peer: str, req: dict) -> dict:
+        """One `/kvnet/receipts/1.0.0` request (already framed and version-checked): `pay` or `collect`."""
+        op = req.get("op")
+        if op == "pay":
+            unknown = set(req) - {"v", "op", "receipt"}
+            if unknown:
+                raise wire.WireError("malformed", f"unknown fields {sorted(unknown)[:4]!r}")
+            payer = peer_key(peer)
+            raw = receipts_field(req)
+            if payer is None or not raw:
+                raise wire.WireError("malformed", "pay carries 1..4 receipts from a peer with an Ed25519 key")
+            paid = 0
+            for r in raw:
+                paid += await self.take(payer, r, None)
+            with self._lock:
+                self._debt(payer).paid += paid
+            return {"v": wire.PROTOCOL_VERSION, "ok": True}
+        if op == "collect":
+            unknown = set(req) - {"v", "op", "publisher", "after"}
+            if unknown:
+                raise wire.WireError("malformed", f"unknown fields {sorted(unknown)[:4]!r}")
+            publisher = wire.field(req, "publisher", bytes, size=32)
+            after = wire.field(req, "after", int)
+            if after < 0:
+                raise wire.WireError("malformed", "after must be >= 0")
+            if peer_key(peer) != publisher:
+                raise wire.WireError("forbidden", "only the publisher's own peer may collect its receipts")
+            rows = await self._call(self.ledger.held_for, publisher, after, COLLECT_PAGE + 1)
+            page = rows[:COLLECT_PAGE]
+            return {"v": wire.PROTOCOL_VERSION, "receipts": [raw for _, raw in page],
+                    "next": page[-1][0] if page else after, "more": len(rows) > COLLECT_PAGE}
+        raise wire.WireError("malformed", "op must be \"pay\" or \"collect\"")
+
+
+# -- the payer ------------------------------------------------------------------------------------
+
+
+class PaymentWait(KvnetError):
+    """The host wants payment before it serves more: pay for what verified, then ask again."""
+
+
+class PayDrop(NetworkError):
+    """The host bills what we do not owe (or refuses a correct receipt): drop it, score it down."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Candidate:
+    """A provider as provider choice sees it."""
+
+    peer: str
+    fee_per_mib: int
+    score: float = 0.0
+    mb_per_s: float | None = None  # observed in an earlier fetch; None: unknown
+
+
+def rank_by_price(cands: Sequence[Candidate]) -> list[tuple[str, float]]:
+    """(peer, price index) best first. index = (fee + 1) x slowness x risk, where slowness is the
+    fastest observed speed over this provider's (1 if unknown) and risk is 1 + 0.2 per point of
+    negative score. Documented in docs/payments.md, "Choosing providers"."""
+    speeds = [c.mb_per_s for c in cands if c.mb_per_s]
+    fastest = max(speeds, default=None)
+    out = []
+    for c in cands:
+        slow = fastest / c.mb_per_s if fastest and c.mb_per_s else 1.0
+        risk = 1.0 + RISK_PER_SCORE * max(0.0, -c.score)
+        out.append((c.peer, (c.fee_per_mib + 1) * slow * risk))
+    return sorted(out, key=lambda x: x[1])
+
+
+@dataclass
+class _Account:
+    """What one fetch owes one host."""
+
+    peer: str
+    key: bytes
+    fee: int
+    currency: str
+    channel: Channel | None = None
+    unpaid: int = 0  # verified piece bytes not yet in a receipt
+    unsent: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (channel, seq) -> raw, unacknowledged
+    paid: int = 0  # micro-units signed to it in this fetch
+    resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
+
+
+class Payer:
+    """A node's paying side: its ledger, spending limits, and the speeds it saw."""
+
+    def __init__(self, ledger: Ledger, limits: SpendingLimits | None = None) -> None:
+        self.ledger = ledger
+        self.limits = limits or SpendingLimits()
+        self.speeds: dict[str, float] = {}  # peer -> MB/s it delivered in the last fetch
+        self._db = trio.CapacityLimiter(1)
+
+    def start(self, sm: SignedManifest, providers: list, n_bytes: int, scores: Any) -> FetchPayments:
+        """Check the spending limits for fetching `n_bytes` of `sm` and choose the providers (weighing
+        price, score, speed) before any byte moves. Raises SpendingLimitError naming the limit when no
+        provider can be paid within the limits. `providers` are kvnet.p2p.fetcher.Provider objects
+        (fee_per_mib, currency set from their offers); the returned FetchPayments holds the chosen ones."""
+        terms = sm.manifest.terms
+        if terms.price_per_load > 0:
+            self.limits.check(self.ledger, sm.manifest.publisher,
+                              Cost(terms.price_per_load, terms.currency, price_per_load=terms.price_per_load))
+        ok, first_err = [], None
+        for p in providers:
+            cost = Cost(hosting_cost(n_bytes, p.fee_per_mib), p.currency, fee_per_mib=p.fee_per_mib)
+            try:
+                if p.fee_per_mib > 0 and peer_key(p.peer) is None:
+                    raise SpendingLimitError("currency", f"{p.peer} has no key to pay")
+                self.limits.check(self.ledger, peer_key(p.peer) or b"", cost)
+                if terms.price_per_load > 0 and self.limits.total_per_day is not None:
+                    self.limits.check(self.ledger, b"", Cost(cost.total + terms.price_per_load, p.currency))
+                ok.append(p)
+            except SpendingLimitError as exc:
+                first_err = first_err or exc
+                log.info("provider %s left out: %s", p.peer, exc)
+        if not ok:
+            if first_err is not None:
+                raise first_err
+            return FetchPayments(self, sm, [])
+        chosen = self._choose(ok, scores)
+        return FetchPayments(self, sm, chosen)
+
+    def _choose(self, providers: list, scores: Any) -> list:
+        ranked = rank_by_price([Candidate(p.peer, p.fee_per_mib, scores.get(p.peer) if scores else 0.0,
+                                          self.speeds.get(p.peer)) for p in providers])
+        best = ranked[0][1]
+        by_peer = {p.peer: p for p in providers}
+        chosen = [by_peer[peer] for peer, idx in ranked if idx <= best * PRICE_SLACK]
+        cheapest = min(p.fee_per_mib for p in chosen)
+        # price only ever leaves out a pricier host: one as cheap is kept whatever its score (the
+        # fetch itself avoids peers with a bad record, kvnet.p2p.scores)
+        chosen += [by_peer[peer] for peer, _ in ranked
+                   if by_peer[peer] not in chosen and by_peer[peer].fee_per_mib <= cheapest]
+        held = set().union(*(p.have for p in chosen))
+        for peer, _ in ranked:  # a pricier provider still joins for pieces the cheap ones lack
+            p = by_peer[peer]
+            if p not in chosen and not p.have <= held:
+                chosen.append(p)
+                held |= p.have
+        return chosen
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._db)
+
+    def observed(self, result: Any) -> None:
+        """Remember each provider's speed in a finished fetch (kvnet.p2p.fetcher.FetchResult)."""
+        if result.seconds <= 0:
+            return
+        for peer, st in result.providers.items():
+            if st.get("bytes") and not st.get("dropped"):
+                self.speeds[peer] = st["bytes"] / 1e6 / result.seconds
+
+
+class FetchPayments:
+    """One fetch's payments: hosting per host, the load's license, receipts not yet acknowledged."""
+
+    def __init__(self, payer: Payer, sm: SignedManifest, providers: list) -> None:
+        self.payer, self.sm = payer, sm
+        self.providers = providers
+        self.accounts: dict[str, _Account] = {}
+        for p in providers:
+            key = peer_key(p.peer)
+            if key is not None:
+                self.accounts[p.peer] = _Account(p.peer, key, p.fee_per_mib, p.currency)
+        self.license_sent = sm.manifest.terms.price_per_load == 0
+        self.lock = trio.Lock()  # receipts are signed one at a time, in sequence order
+        self._unpaid_lock = threading.Lock()  # `verified` runs in receiving threads, `attach` in trio
+
+    def verified(self, peer: str, n: int) -> None:
+        """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee."""
+        acct = self.accounts.get(peer)
+        if acct is not None and acct.fee > 0:
+            with self._unpaid_lock:  # called from the bulk receiving threads too
+                acct.unpaid += n
+
+    async def attach(self, peer: str) -> list[bytes] | None:
+        """The `receipt` field of the next request to `peer`: its unacknowledged receipts, after signing
+        (and recording) a hosting receipt for what verified since the last one and, with the load's
+        first request, the license receipt. None when there is nothing to pay."""
+        acct = self.accounts.get(peer)
+        if acct is None:
+            return None
+        async with self.lock:
+            if not self.license_sent:
+                terms = self.sm.manifest.terms
+                ch = await self.payer.call(self.payer.ledger.open_channel, self.sm.manifest.publisher,
+                                           terms.currency, acct.key)
+                sr = await self.payer.call(self.payer.ledger.pay, ch, [Line(self.sm.id, "license", 1,
+                                                                           terms.price_per_load)])
+                acct.unsent[(ch.id, sr.receipt.seq)] = sr.raw
+                self.license_sent = True
+            if acct.unpaid > 0:
+                with self._unpaid_lock:
+                    n, acct.unpaid = acct.unpaid, 0
+                if acct.channel is None:
+                    acct.channel = await self.payer.call(self.payer.ledger.open_channel, acct.key, acct.currency)
+                line = Line(self.sm.id, "hosting", n, hosting_cost(n, acct.fee))
+                sr = await self.payer.call(self.payer.ledger.pay, acct.channel, [line])
+                acct.unsent[(acct.channel.id, sr.receipt.seq)] = sr.raw
+                acct.paid += line.amount
+        if not acct.unsent:
+            return None
+        return [acct.unsent[k] for k in sorted(acct.unsent)[:MAX_RECEIPTS_PER_REQUEST]]
+
+    def acknowledged(self, peer: str, sent: list[bytes] | None) -> None:
+        """The host answered a request that carried `sent` with something other than a refusal."""
+        acct = self.accounts.get(peer)
+        if acct is None or not sent:
+            return
+        done = set(sent)
+        acct.unsent = {k: v for k, v in acct.unsent.items() if v not in done}
+
+    async def refused(self, peer: str, head: dict, sent: list[bytes] | None = None) -> None:
+        """A payment refusal from `peer` of a request that carried `sent`: raise PaymentWait (pay,
+        then ask again) or PayDrop. `payment_required` and `debtor` come after the host took the
+        request's receipts, so those are acknowledged (resending them would change nothing)."""
+        code = head.get("err")
+        if code in ("payment_required", "debtor"):
+            self.acknowledged(peer, sent)
+            raise PaymentWait(f"{code}: {head.get('msg', '')}")
+        rule = head.get("rule")
+        acct = self.accounts.get(peer)
+        if rule == "skipped_sequence" and acct is not None and isinstance(head.get("seq"), int) \
+                and isinstance(head.get("channel"), bytes):
+            acct.resends += 1
+            missing = await self.payer.call(self.payer.ledger.receipts_after, head["channel"], head["seq"])
+            if not missing or acct.resends > MAX_RESENDS:
+                raise PayDrop("protocol", "host claims it lacks receipts we never signed")
+            for raw in missing:  # resend what the host lacks, in order (docs/payments.md, "Paying")
+                sr = receipts.parse_receipt(raw)
+                acct.unsent[(sr.channel_id, sr.receipt.seq)] = raw
+            raise PaymentWait("resending receipts the host lacks")
+        reason = "overbilled" if rule in ("wrong_amount", "wrong_currency") else "protocol"
+        raise PayDrop(reason, f"host refused a correct receipt ({rule}): {head.get('msg', '')}")
+
+    async def wait(self, peer: str, in_flight: Callable[[], bool], changed: Callable[[], Awaitable[None]]) -> None:
+        """After PaymentWait: return once there is something to pay `peer` (the next request carries
+        it); raise PayDrop('overbilled') if it wants payment while everything it delivered is paid and
+        nothing more is on its way (it bills more than its offer's fee)."""
+        acct = self.accounts.get(peer)
+        while True:
+            if acct is not None and (acct.unpaid > 0 or acct.unsent):
+                return
+            if not in_flight():
+                raise PayDrop("overbilled", "the host wants payment beyond what it delivered at its offer's fee")
+            await changed()
+
+    async def settle(self, open_stream: Callable[[str, str], Awaitable[Any]], timeout: float) -> None:
+        """After the fetch: pay every host for what verified since its last receipt and deliver the
+        receipts it has not acknowledged, over `/kvnet/receipts/1.0.0` (`pay`). Failures are logged:
+        the receipts are recorded, and the next request to that host resends them."""
+        for acct in self.accounts.values():
+            try:
+                while True:
+                    raw = await self.attach(acct.peer)
+                    if not raw:
+                        break
+                    with trio.fail_after(timeout):
+                        answer = await _ask(open_stream, acct.peer, {"v": wire.PROTOCOL_VERSION, "op": "pay",
+                                                                     "receipt": raw})
+                    if "err" in answer:
+                        await self.refused(acct.peer, answer, raw)
+                    self.acknowledged(acct.peer, raw)
+            except PaymentWait:
+                try:  # the host lacked earlier receipts: one more round with them
+                    raw = await self.attach(acct.peer)
+                    if raw:
+                        with trio.fail_after(timeout):
+                            answer = await _ask(open_stream, acct.peer, {"v": 1, "op": "pay", "receipt": raw})
+                        if "err" not in answer:
+                            self.acknowledged(acct.peer, raw)
+                except Exception as exc:  # noqa: BLE001 - recorded; resent with the next request
+                    log.info("paying %s failed: %r", acct.peer, exc)
+            except Exception as exc:  # noqa: BLE001 - recorded; resent with the next request
+                log.info("paying %s failed: %r", acct.peer, exc)
+
+    def totals(self) -> dict[str, int]:
+        """peer -> micro-units signed to it for hosting in this fetch."""
+        return {a.peer: a.paid for a in self.accounts.values()}
+
+
+async def _ask(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, req: dict) -> dict:
+    stream = await open_stream(peer, RECEIPTS_PROTOCOL)
+    try:
+        await wire.write_frame(stream, req)
+        return await wire.read_frame(stream, wire.MAX_RESPONSE)
+    finally:
+        with contextlib.suppress(Exception):  # the peer may be gone
+            await stream.close()
+
+
+async def collect(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, ledger: Ledger,
+                  timeout: float = 10.0, publisher: bytes | None = None) -> int:
+    """As a publisher: collect the license receipts `peer` holds for us into our ledger (`in`);
+    the number newly accepted. A refusal raises WireError with the host's code (`forbidden`).
+    `publisher` (default: our key) exists so tests can ask for someone else's and be refused."""
+    assert ledger.me is not None
+    after, new = 0, 0
+    while True:
+        with trio.fail_after(timeout):
+            answer = await _ask(open_stream, peer, {"v": wire.PROTOCOL_VERSION, "op": "collect",
+                                                    "publisher": publisher or ledger.me, "after": after})
+        if "err" in answer:
+            raise wire.WireError(str(answer.get("err")), str(answer.get("msg", "")))
+        for raw in wire.field(answer, "receipts", list):
+            try:
+                await trio.to_thread.run_sync(lambda r=raw: ledger.accept(r, ledger.me))
+                new += 1
+            except ReceiptError as exc:
+                if exc.rule != "replayed":
+                    raise
+        after = wire.field(answer, "next", int)
+        if not answer.get("more"):
+            return new
