@@ -92,7 +92,7 @@ async def test_a_paid_fetch_pays_for_every_verified_byte_and_both_ledgers_agree(
 @pytest.mark.trio
 @pytest.mark.parametrize("bulk", [None, "tls"])
 async def test_a_small_credit_window_makes_the_payee_wait_and_the_fetch_completes(tmp_path, bulk):
-    sm, pieces = fake_artifact(72, 4, piece_size=PIECE)
+    sm, pieces = fake_artifact(72, 16, piece_size=PIECE)  # several grants, even at 64 pieces each
     window = hosting_cost(4 * PIECE, FEE)  # four pieces of credit; requests ask for more than that
     h = _holding(tmp_path, "H", sm, pieces, credit_window=window)
     c = make_node(tmp_path, "C", timeout=3.0)
