@@ -58,6 +58,7 @@ class GenParams:
     include_usage: bool = False
     ignore_eos: bool = False
     ignored: list[str] = field(default_factory=list)
+    chat: bool = False
 
 
 def _int_field(body: dict, name: str, lo: int, hi: int) -> int | None:
@@ -105,7 +106,8 @@ def parse_params(body: Any, models: tuple[str, ...], max_tokens: int, chat: bool
     ignored = sorted(k for k, v in body.items()
                      if k not in HARMLESS and (k not in NO_OP or v not in NO_OP[k]))
     default = max_tokens if chat else min(DEFAULT_COMPLETION_TOKENS, max_tokens)
-    return GenParams(model, limit or default, bool(stream), bool(opts.get("include_usage")), ignore_eos, ignored)
+    return GenParams(model, limit or default, bool(stream), bool(opts.get("include_usage")), ignore_eos, ignored,
+                     chat)
 
 
 def prompt_of(body: dict, encode) -> list[int]:

@@ -198,14 +198,15 @@ class Service:
     # -- generation -----------------------------------------------------------------------------
 
     def check_prompt(self, prompt: list[int], params: GenParams) -> None:
+        where = "messages" if params.chat else "prompt"
         if not prompt:
-            raise bad("the prompt is empty", "prompt")
+            raise bad("the prompt is empty", where)
         vocab = int(self.engine.model.config.vocab_size)
         if any(not 0 <= t < vocab for t in prompt):
-            raise bad(f"prompt token ids must be in [0, {vocab})", "prompt")
+            raise bad(f"prompt token ids must be in [0, {vocab})", where)
         if len(prompt) + params.max_tokens > self.context_len:
             raise bad(f"this model's context is {self.context_len} tokens; the prompt has {len(prompt)} and "
-                      f"max_tokens is {params.max_tokens}", "messages" if params else "prompt",
+                      f"max_tokens is {params.max_tokens}", where,
                       code="context_length_exceeded")
 
     async def start(self, prompt: list[int], params: GenParams) -> Run:
