@@ -1,0 +1,53 @@
+"""Two real kvnet-node processes: A publishes a document for chat; B's agent asks its own question over
+it through /v1/chat/completions, and B reuses A's KV over the network: fetched, verified, cached
+tokens reported, and the answer token-exact against a full prefill."""
+
+from __future__ import annotations
+
+import time
+
+from kvnet.daemon.chat import document_prefix
+from kvnet.tokenizer import encode_chat
+from tests.daemon.nodes import start, write_config
+
+DOC = ("Section 4.2: a provider that serves a corrupt piece is scored down and never asked again. " * 9).strip()
+QUESTION = "What happens to a provider that serves a corrupt piece?"
+
+
+def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
+    a = start(write_config(tmp_path / "a"))
+    try:
+        b = start(write_config(tmp_path / "b", extra=f'bootstrap = ["{a.addr}"]'))
+        try:
+            with a.http() as ca, b.http() as cb:
+                pub = ca.post("/v1/kv/publish", json={"text": DOC, "for_chat": True, "title": "s4.2"}).json()
+                messages = [{"role": "system", "content": DOC}, {"role": "user", "content": QUESTION}]
+                deadline = time.monotonic() + 60
+                while True:  # A announces in the background: wait until B's lookup sees it
+                    hit = cb.post("/v1/kv/lookup", json={"messages": messages}).json()
+                    if hit["network"] is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                assert hit["local"] is None
+                assert hit["network"]["manifest_id"] == pub["manifest_id"]
+                assert hit["network"]["offers"][0]["peer"] == a.ready["peer_id"]
+                r = cb.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                          "max_tokens": 16}).json()
+                peers = cb.get("/v1/peers").json()["peers"]
+                held = cb.get("/v1/kv").json()["artifacts"]
+        finally:
+            assert b.stop() == 0
+    finally:
+        assert a.stop() == 0
+    tok = tiny_fp32.tokenizer
+    assert pub["n_tokens"] == len(document_prefix(tok, DOC))
+    k = r["kvnet"]
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == pub["n_tokens"] > 0
+    assert k["source"] == "network" and k["manifest_id"] == pub["manifest_id"]
+    assert k["providers"] == [a.ready["peer_id"]] and k["bytes_fetched"] > 0
+    assert k["price_paid"] == 0
+    ids = encode_chat(tok, [("system", DOC), ("user", QUESTION)])
+    got = k["token_ids"]
+    assert got == tiny_fp32.generate_from(None, ids, len(got)).tokens
+    assert a.ready["peer_id"] in [p["peer_id"] for p in peers]
+    assert [(h["manifest_id"], h["complete"]) for h in held] == [(pub["manifest_id"], True)]
