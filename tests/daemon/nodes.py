@@ -42,6 +42,7 @@ class NodeProc:
     proc: subprocess.Popen
     ready: dict
     config: Path
+    tcp_port: int = 0
 
     @property
     def socket(self) -> str:
