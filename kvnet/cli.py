@@ -743,7 +743,7 @@ def ledger_verify(
 
 from kvnet.cli_node import register as _register_node  # noqa: E402
 
-_register_node(app, _Group)
+_register_node(app, _Group, LogLevel)
 
 
 # -- the experiment ----------------------------------------------------------------------------------

@@ -132,9 +132,15 @@ def fetch(socket: SocketOpt = DEFAULT_SOCKET,
               f"already had {r['already_had']}", highlight=False)
 
 
-def register(app: typer.Typer, group_cls: type) -> None:
-    """Add the `node` group to the `kvnet` app."""
+def register(app: typer.Typer, group_cls: type, log_level_option: Any) -> None:
+    """Add the `node` group to the `kvnet` app (`log_level_option`: the app's --log-level annotation)."""
     node_app = typer.Typer(cls=group_cls, no_args_is_help=True, help="Talk to a running kvnet-node.")
+
+    def _node(log_level="warning") -> None:
+        """Talk to a running kvnet-node through its agent socket (docs/agent-api.md)."""
+
+    _node.__annotations__ = {"log_level": log_level_option, "return": None}  # the app's own option object
+    node_app.callback()(_node)
     for fn in (status, peers, ls, publish, ask, fetch):
         node_app.command(fn.__name__)(fn)
     app.add_typer(node_app, name="node")

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -99,13 +100,27 @@ def build_app(svc: Service) -> Starlette:
             return StreamingResponse(_stream(run, rid, params, chat, miss_doc), media_type="text/event-stream",
                                      headers=headers)
         try:
-            async for _ in run.job.receive:
-                pass
+            async with trio.open_nursery() as watch:
+                watch.start_soon(_cancel_on_disconnect, request, run)
+                async for _ in run.job.receive:
+                    pass
+                watch.cancel_scope.cancel()
         finally:
             run.job.cancel()
         if run.job.error is not None:
             raise run.job.error
+        if run.job.gone:
+            return Response(status_code=499)  # nobody reads it; counted as such in the metrics
         return JSONResponse(_final(run, rid, params, chat, miss_doc), headers=headers)
+
+    async def _cancel_on_disconnect(request: Request, run: Run) -> None:
+        """A non-streaming client that goes away frees its queue slot too (at its generation's next turn)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                run.job.gone = True
+                run.job.cancelled = True
+                return
 
     def _system_doc(body: dict) -> str | None:
         msgs = body.get("messages") or []

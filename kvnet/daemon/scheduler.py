@@ -48,6 +48,7 @@ class Job:
         self.advance = advance
         self._send, self.receive = trio.open_memory_channel[list[int]](math.inf)
         self.cancelled = False
+        self.gone = False  # the client disconnected
         self.error: BaseException | None = None
         self.turns = 0
 

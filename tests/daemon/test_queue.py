@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from tests.daemon.nodes import start, write_config
 
@@ -57,5 +58,11 @@ def test_fair_bounded_queue_and_disconnects(tmp_path):
             q = _wait_idle(c2)
             assert q["cancelled"] == 2 and q["rejected"] == 1 and q["completed"] == 1
             assert c2.post("/v1/completions", json=SHORT).status_code == 200
+        # a non-streaming client that gives up (here: its read timeout) frees its slot too
+        with node.http(timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/completions", json={**LONG, "stream": False})
+        with node.http() as c:
+            q = _wait_idle(c)
+            assert q["cancelled"] == 3 and q["completed"] == 2
     finally:
         assert node.stop() == 0
