@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,14 @@ def test_the_daemon_refuses_a_bad_config_with_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"error: {path}: model.dtype: must be one of bf16, fp32, fp16, "
                                                "got 'int8'"]
+
+
+def test_the_example_config_parses_and_names_every_field():
+    example = Path(__file__).parents[2] / "node" / "kvnet-node.toml"
+    cfg = config.load(example)
+    assert cfg.model.ref == "tiny" and cfg.agent.queue_size == config.AgentConfig.queue_size
+    text = example.read_text()
+    fields = (set(config.TOP) | {f"{k}" for sub in (config.ModelConfig, config.PricesConfig, config.AgentConfig,
+                                                   config.LogConfig) for k in sub.__dataclass_fields__})
+    missing = [f for f in sorted(fields) if f"{f} =" not in text and f"[{f}]" not in text]
+    assert missing == [], f"document these in node/kvnet-node.toml: {missing}"

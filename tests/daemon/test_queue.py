@@ -35,7 +35,7 @@ def _first_event(lines) -> dict:
 
 
 def test_fair_bounded_queue_and_disconnects(tmp_path):
-    node = start(write_config(tmp_path / "q", queue_size=2, max_tokens=6000, chunk_tokens=4))
+    node = start(write_config(tmp_path / "q", log_format="json", queue_size=2, max_tokens=6000, chunk_tokens=4))
     try:
         with node.http() as c, node.http() as c2, node.http() as c3:
             with c.stream("POST", "/v1/completions", json=LONG) as long1:
@@ -66,3 +66,7 @@ def test_fair_bounded_queue_and_disconnects(tmp_path):
             assert q["cancelled"] == 3 and q["completed"] == 2
     finally:
         assert node.stop() == 0
+    # the node logged JSON lines only (log.format = "json"), the stop included
+    records = [json.loads(line) for line in (tmp_path / "q" / "node.log").read_text().splitlines()]
+    assert any(r["msg"].startswith("signal 15: stopping") for r in records)
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
