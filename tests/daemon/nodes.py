@@ -23,7 +23,8 @@ def write_config(dir_: Path, extra: str = "", log_format: str = "text", **agent:
     dir_.mkdir(parents=True, exist_ok=True)
     agent_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
     text = (f'data_dir = "{dir_ / "data"}"\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nmetrics = "127.0.0.1:0"\n{extra}\n'
-            f'[model]\nref = "tiny"\ndtype = "fp32"\n[log]\nlevel = "info"\nformat = "{log_format}"\n[agent]\n{agent_lines}\n')
+            f'[model]\nref = "tiny"\ndtype = "fp32"\n[log]\nlevel = "info"\nformat = "{log_format}"\n'
+            f'[agent]\n{agent_lines}\n')
     path = dir_ / "node.toml"
     path.write_text(text)
     return path

@@ -17,7 +17,7 @@ QUESTION = "What happens to a provider that serves a corrupt piece?"
 def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
     a = start(write_config(tmp_path / "a"))
     try:
-        b = start(write_config(tmp_path / "b", extra=f'bootstrap = ["{a.addr}"]'))
+        b = start(write_config(tmp_path / "b", extra=f'bootstrap = ["{a.addr}"]', publish_on_miss=True))
         try:
             with a.http() as ca, b.http() as cb:
                 pub = ca.post("/v1/kv/publish", json={"text": DOC, "for_chat": True, "title": "s4.2"}).json()
@@ -35,6 +35,7 @@ def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
                                                           "max_tokens": 16}).json()
                 peers = cb.get("/v1/peers").json()["peers"]
                 held = cb.get("/v1/kv").json()["artifacts"]
+                miss = _publish_on_miss(cb)
         finally:
             assert b.stop() == 0
     finally:
@@ -51,3 +52,28 @@ def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
     assert got == tiny_fp32.generate_from(None, ids, len(got)).tokens
     assert a.ready["peer_id"] in [p["peer_id"] for p in peers]
     assert [(h["manifest_id"], h["complete"]) for h in held] == [(pub["manifest_id"], True)]
+    first, second, n_tokens = miss
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert n_tokens == len(document_prefix(tok, OTHER_DOC))
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == n_tokens
+    assert second["kvnet"]["source"] == "local"
+
+
+OTHER_DOC = "Appendix B lists every limit a node enforces, with its default value. " * 6
+
+
+def _publish_on_miss(cb) -> tuple[dict, dict, int]:
+    """B (publish_on_miss) answers a chat over a document nobody published, then publishes its system turn:
+    the next question over it reuses it."""
+    def ask(q: str) -> dict:
+        return cb.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
+            {"role": "system", "content": OTHER_DOC}, {"role": "user", "content": q}]}).json()
+
+    first = ask("Which appendix lists the limits?")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        arts = [a for a in cb.get("/v1/kv").json()["artifacts"] if a["title"] == "chat system prompt"]
+        if arts and arts[0]["complete"]:
+            break
+        time.sleep(0.3)
+    return first, ask("And what else?"), arts[0]["n_tokens"]
