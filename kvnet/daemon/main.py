@@ -110,8 +110,20 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
             nursery.cancel_scope.cancel()  # transfers, announcements, generations
 
 
-def run(cfg: cfgmod.NodeConfig) -> None:
+def _load_model(cfg: cfgmod.NodeConfig):
+    """The engine, once; a folder that is not a usable Qwen3 checkpoint is one line naming model.ref."""
     from kvnet.engine import Engine
+
+    try:
+        return Engine(cfg.model.ref, cfg.model.dtype)
+    except KvnetError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise cfgmod.ConfigError(f"model.ref: cannot load {cfg.model.ref!r}: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())}") from exc
+
+
+def run(cfg: cfgmod.NodeConfig) -> None:
     from kvnet.p2p import commands
     from kvnet.p2p.node import Node
     from kvnet.p2p.server import HostingTerms
@@ -126,7 +138,7 @@ def run(cfg: cfgmod.NodeConfig) -> None:
         key = _key(cfg.key_path)
         _check_socket_free(sock)
         sock.parent.mkdir(parents=True, exist_ok=True)
-        engine = Engine(cfg.model.ref, cfg.model.dtype)
+        engine = _load_model(cfg)
         store = Store(cfg.store_dir, capacity_bytes=cfg.store_capacity_mb * 2**20 or None)
         logs.setup()  # libp2p was imported by now, which resets its logger
         node = Node(key, store, listen=list(cfg.listen), bootstrap=list(cfg.bootstrap),
