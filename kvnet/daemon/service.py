@@ -25,6 +25,7 @@ from kvnet.daemon.chat import document_prefix
 from kvnet.daemon.config import NodeConfig
 from kvnet.daemon.metrics import Metrics
 from kvnet.daemon.openai_api import ApiError, GenParams, bad
+from kvnet.daemon.payments import NoPayments, PaymentHook
 from kvnet.daemon.scheduler import Job, Scheduler
 from kvnet.engine import KV, Engine
 from kvnet.manifest import MAX_PIECE_SIZE, Terms
@@ -54,6 +55,7 @@ class Reuse:
     fetch_s: float = 0.0
     load_s: float = 0.0
     network_error: str | None = None
+    price_paid: int = 0
 
 
 class Generation:
@@ -95,8 +97,9 @@ class Run:
 
 class Service:
     def __init__(self, cfg: NodeConfig, engine: Engine, node: Node, key: Ed25519PrivateKey,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, payments: PaymentHook | None = None) -> None:
         self.cfg, self.engine, self.node, self.key, self.metrics = cfg, engine, node, key, metrics
+        self.payments: PaymentHook = payments or NoPayments()
         self.store, self.runner = node.store, node.runner
         self.engine_limiter = trio.CapacityLimiter(1)
         self.scheduler = Scheduler(cfg.agent.queue_size, cfg.agent.chunk_tokens, self.engine_limiter,
@@ -130,8 +133,10 @@ class Service:
     def has_peers(self) -> bool:
         return bool(self.node.host.get_connected_peers()) or self.node.dht.routing_table.size() > 0
 
-    async def fetch_found(self, found: Found, n_tokens: int) -> FetchResult:
-        """Fetch (verified, into the store) with progress in `fetches`; metrics and throughput noted."""
+    async def fetch_found(self, found: Found, n_tokens: int) -> tuple[FetchResult, int]:
+        """Fetch (verified, into the store) with progress in `fetches`; metrics and throughput noted.
+        Returns the result and the price paid (the payment hook's say)."""
+        self.payments.before_fetch(found, n_tokens, self.cfg.prices)
         mid = found.signed.id.hex()
         entry = {"manifest_id": mid, "n_tokens": n_tokens, "pieces_done": 0, "pieces_total": None,
                  "providers": [p.peer for p in found.providers], "started": time.time(), "error": None}
@@ -157,7 +162,9 @@ class Service:
         self.metrics.providers_dropped.inc(sum(1 for s in result.providers.values() if s.get("dropped")))
         if result.bytes > 1 << 20 and result.seconds > 0:
             self.fetch_bytes_per_s = 0.5 * self.fetch_bytes_per_s + 0.5 * result.bytes / result.seconds
-        return result
+        paid = self.payments.after_fetch(found, result, self.cfg.prices)
+        entry["price_paid"] = paid
+        return result, paid
 
     async def _from_network(self, prompt: list[int], have: int, info: Reuse) -> None:
         t0 = time.perf_counter()
@@ -168,7 +175,7 @@ class Service:
             if found is None or found.n_tokens <= have:
                 return
             t1 = time.perf_counter()
-            result = await self.fetch_found(found, found.n_tokens)
+            result, info.price_paid = await self.fetch_found(found, found.n_tokens)
             info.fetch_s = time.perf_counter() - t1
             info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
             info.bytes_fetched = result.bytes
@@ -246,7 +253,7 @@ class Service:
             "lookup_s": round(r.lookup_s, 4), "fetch_s": round(r.fetch_s, 4), "load_s": round(r.load_s, 4),
             "prefill_s": round(run.gen.prefill_s or 0.0, 4),
             "prefill_s_saved_estimate": round(self.saved_s(run), 4),
-            "price_paid": 0, "currency": self.cfg.prices.currency,  # payments: receipts slot in here
+            "price_paid": r.price_paid, "currency": self.cfg.prices.currency,  # kvnet.daemon.payments
             "network_error": r.network_error, "ignored_params": ignored, "token_ids": list(run.gen.tokens),
         }
 
@@ -344,8 +351,8 @@ class Service:
         if found is None:
             raise ApiError(404, "nothing found on the network", code="not_found")
         n = found.signed.manifest.n_tokens if manifest_id is not None else found.n_tokens
-        r = await self.fetch_found(found, n)
-        return {"manifest_id": found.signed.id.hex(), "n_tokens": n, "fetched": r.fetched,
+        r, paid = await self.fetch_found(found, n)
+        return {"manifest_id": found.signed.id.hex(), "n_tokens": n, "fetched": r.fetched, "price_paid": paid,
                 "already_had": r.already_had, "bytes": r.bytes, "seconds": round(r.seconds, 4),
                 "providers": {p: {"pieces": s["pieces"], "dropped": s["dropped"]} for p, s in r.providers.items()}}
 

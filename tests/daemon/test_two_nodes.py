@@ -21,6 +21,7 @@ def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
         try:
             with a.http() as ca, b.http() as cb:
                 pub = ca.post("/v1/kv/publish", json={"text": DOC, "for_chat": True, "title": "s4.2"}).json()
+                plain = ca.post("/v1/kv/publish", json={"text": PLAIN, "title": "plain"}).json()
                 messages = [{"role": "system", "content": DOC}, {"role": "user", "content": QUESTION}]
                 deadline = time.monotonic() + 60
                 while True:  # A announces in the background: wait until B's lookup sees it
@@ -35,6 +36,7 @@ def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
                                                           "max_tokens": 16}).json()
                 peers = cb.get("/v1/peers").json()["peers"]
                 held = cb.get("/v1/kv").json()["artifacts"]
+                fetched = _fetch_by_id(cb, plain["manifest_id"])
                 miss = _publish_on_miss(cb)
         finally:
             assert b.stop() == 0
@@ -52,11 +54,28 @@ def test_b_reuses_a_document_a_published(tmp_path, tiny_fp32):
     assert got == tiny_fp32.generate_from(None, ids, len(got)).tokens
     assert a.ready["peer_id"] in [p["peer_id"] for p in peers]
     assert [(h["manifest_id"], h["complete"]) for h in held] == [(pub["manifest_id"], True)]
+    assert fetched["manifest_id"] == plain["manifest_id"] and fetched["fetched"] == plain["pieces"]
+    assert fetched["already_had"] == 0 and fetched["price_paid"] == 0
+    assert list(fetched["providers"]) == [a.ready["peer_id"]]
     first, second, n_tokens = miss
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert n_tokens == len(document_prefix(tok, OTHER_DOC))
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == n_tokens
     assert second["kvnet"]["source"] == "local"
+
+
+PLAIN = "A plain document, fetched by its manifest id through /v1/kv/fetch. " * 5
+
+
+def _fetch_by_id(cb, mid: str) -> dict:
+    """POST /v1/kv/fetch by id, retried while A's announcement of it is not out yet (404)."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = cb.post("/v1/kv/fetch", json={"manifest_id": mid})
+        if r.status_code != 404 or time.monotonic() > deadline:
+            assert r.status_code == 200, r.text
+            return r.json()
+        time.sleep(0.5)
 
 
 OTHER_DOC = "Appendix B lists every limit a node enforces, with its default value. " * 6
