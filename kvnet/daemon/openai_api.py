@@ -47,7 +47,7 @@ NO_OP: dict[str, tuple[Any, ...]] = {
 NUMERIC = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 # fields with no effect on a greedy answer, so nothing to report (seed: greedy is deterministic anyway)
 HARMLESS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "user", "seed",
-            "metadata", "store", "ignore_eos", "prompt", "messages", "service_tier"}
+            "metadata", "store", "ignore_eos", "prompt", "messages", "service_tier", "kvnet_reuse"}
 
 
 @dataclass
@@ -59,6 +59,7 @@ class GenParams:
     ignore_eos: bool = False
     ignored: list[str] = field(default_factory=list)
     chat: bool = False
+    reuse: bool = True  # kvnet_reuse: false prefills the whole prompt (baselines, exactness checks)
 
 
 def _int_field(body: dict, name: str, lo: int, hi: int) -> int | None:
@@ -100,14 +101,16 @@ def parse_params(body: Any, models: tuple[str, ...], max_tokens: int, chat: bool
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("stream_options must be an object", "stream_options")
-    ignore_eos = body.get("ignore_eos", False)
+    ignore_eos, reuse = body.get("ignore_eos", False), body.get("kvnet_reuse", True)
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos must be true or false", "ignore_eos")
+    if not isinstance(reuse, bool):
+        raise bad("kvnet_reuse must be true or false", "kvnet_reuse")
     ignored = sorted(k for k, v in body.items()
                      if k not in HARMLESS and (k not in NO_OP or v not in NO_OP[k]))
     default = max_tokens if chat else min(DEFAULT_COMPLETION_TOKENS, max_tokens)
     return GenParams(model, limit or default, bool(stream), bool(opts.get("include_usage")), ignore_eos, ignored,
-                     chat)
+                     chat, reuse)
 
 
 def prompt_of(body: dict, encode) -> list[int]:

@@ -224,7 +224,7 @@ class Service:
             raise ApiError(503, f"the generation queue is full ({self.scheduler.max_jobs} queued or running); "
                            "retry later", "server_error", code="queue_full")
         t0 = time.perf_counter()
-        reuse = await self.prepare(prompt)
+        reuse = await self.prepare(prompt) if params.reuse else Reuse()
         gen = Generation(self.engine, reuse.kv, prompt[reuse.cached:], params.max_tokens, not params.ignore_eos)
         reuse.kv = None  # the generation holds it now
         job = self.scheduler.submit(gen.advance)

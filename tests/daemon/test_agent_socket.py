@@ -60,6 +60,11 @@ def test_completion_reuses_a_published_document_token_exactly(node, tiny_fp32):
     got = r["kvnet"]["token_ids"]
     assert got == ref_tokens(tiny_fp32, ids, len(got))
     assert r["usage"]["completion_tokens"] == len(got)
+    with node.http() as c:  # kvnet_reuse: false, the node's own full prefill, gives the same tokens
+        full = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 24,
+                                               "kvnet_reuse": False}).json()
+    assert full["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert full["kvnet"]["token_ids"] == got
 
 
 def test_a_document_published_for_chat_is_reused_whatever_the_question(node, tiny_fp32):
