@@ -1,0 +1,133 @@
+"""Devnet scenarios, run against a started `Cluster` through the nodes' agent sockets.
+
+basic: node 0 publishes a document for chat; every other node's agent asks its own question over it.
+       Each answer must reuse the document's KV from the network (cached tokens = the document's
+       prefix, source "network") and be token-exact against that node's own full prefill of the same
+       prompt (`kvnet_reuse: false`). Reported per agent: cached tokens, bytes fetched, providers,
+       price paid, time to first token reused versus full prefill.
+load:  node 0 publishes; `requests` concurrent agent requests (`concurrency` at a time) against node 0
+       over the document, each with its own question: throughput, p50/p99 latency, errors (must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from devnet.cluster import Cluster, DevNode
+
+
+def document(n_bytes: int) -> str:
+    """A deterministic document of `n_bytes` ASCII bytes (one token each on the synthetic models)."""
+    words = "the provider signs a manifest and every peer verifies each piece against it before use".split()
+    out, i = "", 0
+    while len(out) < n_bytes:
+        out += words[i % len(words)] + " "
+        i += 1
+    return out[:n_bytes]
+
+
+def ask_stream(node: DevNode, model: str, messages: list[dict], **extra: Any) -> dict[str, Any]:
+    """A streaming chat request; returns the final kvnet object, usage, text and time to first token."""
+    body = {"model": model, "messages": messages, "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+    t0 = time.perf_counter()
+    ttft, text, final, usage = None, "", None, None
+    with node.http() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
+        if s.status_code != 200:
+            s.read()
+            raise RuntimeError(f"{node.name}: HTTP {s.status_code}: {s.text[:300]}")
+        for line in s.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(f"{node.name}: {ev['error']['message']}")
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if ev.get("choices"):
+                text += ev["choices"][0]["delta"].get("content", "")
+            final = ev.get("kvnet", final)
+            usage = ev.get("usage", usage)
+    return {"kvnet": final, "usage": usage, "text": text, "ttft_s": ttft, "total_s": time.perf_counter() - t0}
+
+
+def _publish(node: DevNode, doc: str) -> dict[str, Any]:
+    with node.http() as c:
+        r = c.post("/v1/kv/publish", json={"text": doc, "for_chat": True, "title": "devnet document"})
+        r.raise_for_status()
+        return r.json()
+
+
+def _wait_visible(node: DevNode, messages: list[dict], manifest_id: str, limit_s: float = 60.0) -> None:
+    """Until `node`'s network lookup finds the publisher's announcement (it runs in the background)."""
+    deadline = time.monotonic() + limit_s
+    with node.http() as c:
+        while time.monotonic() < deadline:
+            net = c.post("/v1/kv/lookup", json={"messages": messages}).json().get("network")
+            if net and net["manifest_id"] == manifest_id:
+                return
+            time.sleep(0.5)
+    raise RuntimeError(f"{node.name}: the published document never became visible on the network")
+
+
+def basic(cluster: Cluster, doc_bytes: int = 1200) -> dict[str, Any]:
+    doc = document(doc_bytes)
+    pub = _publish(cluster.nodes[0], doc)
+    rows, ok = [], True
+    for i, node in enumerate(cluster.nodes[1:], start=1):
+        messages = [{"role": "system", "content": doc},
+                    {"role": "user", "content": f"Agent {i}: what does a peer check before it uses a piece?"}]
+        _wait_visible(node, messages, pub["manifest_id"])
+        reused = ask_stream(node, cluster.model, messages)
+        full = ask_stream(node, cluster.model, messages, kvnet_reuse=False)
+        k = reused["kvnet"]
+        exact = k["token_ids"] == full["kvnet"]["token_ids"]
+        row = {"node": node.name, "cached_tokens": k["cached_tokens"], "source": k["source"],
+               "bytes_fetched": k["bytes_fetched"], "providers": k["providers"], "price_paid": k["price_paid"],
+               "ttft_reused_s": round(reused["ttft_s"], 4), "ttft_full_s": round(full["ttft_s"], 4),
+               "exact": exact}
+        # providers: the publisher or any node that fetched it before (they announce what they hold)
+        row["ok"] = (exact and k["cached_tokens"] == pub["n_tokens"] and k["source"] == "network"
+                     and bool(k["providers"]))
+        ok &= row["ok"]
+        rows.append(row)
+    return {"scenario": "basic", "ok": ok and bool(rows), "document_tokens": pub["n_tokens"],
+            "manifest_id": pub["manifest_id"], "kv_bytes": pub["total_bytes"], "agents": rows}
+
+
+def load(cluster: Cluster, requests: int = 32, concurrency: int = 8, doc_bytes: int = 1200) -> dict[str, Any]:
+    doc = document(doc_bytes)
+    node = cluster.nodes[0]
+    pub = _publish(node, doc)
+
+    def one(i: int) -> dict[str, Any]:
+        messages = [{"role": "system", "content": doc}, {"role": "user", "content": f"Question number {i}?"}]
+        try:
+            r = ask_stream(node, cluster.model, messages)
+            return {"ok": r["kvnet"]["cached_tokens"] == pub["n_tokens"], "latency_s": r["total_s"],
+                    "ttft_s": r["ttft_s"], "error": None}
+        except Exception as exc:  # noqa: BLE001 - counted as an error of the scenario
+            return {"ok": False, "latency_s": None, "ttft_s": None, "error": str(exc)}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    lat = sorted(r["latency_s"] for r in results if r["latency_s"] is not None)
+    errors = [r["error"] for r in results if r["error"]]
+
+    def pct(p: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else None
+
+    return {"scenario": "load", "ok": not errors and all(r["ok"] for r in results), "requests": requests,
+            "concurrency": concurrency, "wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
+            "p50_s": pct(0.50), "p99_s": pct(0.99),
+            "median_ttft_s": round(statistics.median(r["ttft_s"] for r in results if r["ttft_s"]), 4)
+            if lat else None, "errors": errors[:5], "error_count": len(errors)}
+
+
+SCENARIOS = {"basic": basic, "load": load}
