@@ -32,6 +32,12 @@ def _table(report: dict) -> None:
                       str(len(r["providers"])), str(r["price_paid"]), f"{r['ttft_reused_s']:.3f}",
                       f"{r['ttft_full_s']:.3f}", "yes" if r["exact"] else "NO")
         out.print(t)
+    elif report["scenario"] == "churn":
+        t = Table("step", "node", "cached", "source", "fetched MB", "ok", title="churn")
+        for r in report["steps"]:
+            t.add_row(r["step"], r["node"], str(r["cached_tokens"]), str(r["source"]),
+                      f"{r['bytes_fetched'] / 1e6:.2f}", "yes" if r["ok"] else "NO")
+        out.print(t)
     else:
         out.print(f"load: {report['requests']} requests, {report['concurrency']} at a time: "
                   f"{report['requests_per_s']} req/s, p50 {report['p50_s']} s, p99 {report['p99_s']} s, "
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.scenario == "basic" and args.nodes < 2:
         ap.error("basic needs at least 2 nodes (a publisher and an agent's node)")
+    if args.scenario == "churn" and args.nodes < 3:
+        ap.error("churn needs at least 3 nodes")
     cluster = Cluster(args.nodes, args.model, args.dtype)
     report: dict
     try:

@@ -73,6 +73,7 @@ class Cluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="kvnet-devnet-"))
         self.nodes: list[DevNode] = []
         self.leftovers: list[str] = []
+        self.killed: set[str] = set()
 
     def _start(self, name: str, bootstrap: list[str]) -> DevNode:
         dir_ = self.tmp / name
@@ -94,6 +95,21 @@ class Cluster:
                 buf += os.read(proc.stdout.fileno(), 4096)
         node.ready = json.loads(buf.split(b"\n", 1)[0])
         return node
+
+    def kill(self, node: DevNode) -> None:
+        """SIGKILL a node (churn): no clean shutdown, its socket file stays until its restart."""
+        node.proc.kill()
+        node.proc.wait(10)
+        self.killed.add(node.name)  # its socket file is expected to stay (removed with the temp dir)
+
+    def restart(self, node: DevNode) -> DevNode:
+        """Start a killed node again on the same data dir, config and identity."""
+        bootstrap = [] if node is self.nodes[0] else [self.nodes[0].addr]
+        fresh = self._start(node.name, bootstrap)
+        self.killed.discard(node.name)
+        self.nodes.remove(fresh)
+        self.nodes[self.nodes.index(node)] = fresh
+        return fresh
 
     def __enter__(self) -> Cluster:
         try:
@@ -117,7 +133,7 @@ class Cluster:
                 self.leftovers.append(f"{node.name}: did not stop on SIGTERM (killed)")
                 node.proc.kill()
                 node.proc.wait(10)
-            if node.ready and os.path.exists(node.socket):
+            if node.ready and node.name not in self.killed and os.path.exists(node.socket):
                 self.leftovers.append(f"{node.name}: socket file {node.socket} left behind")
 
     def __exit__(self, *exc: object) -> None:

@@ -5,6 +5,7 @@ basic: node 0 publishes a document for chat; every other node's agent asks its o
        prefix, source "network") and be token-exact against that node's own full prefill of the same
        prompt (`kvnet_reuse: false`). Reported per agent: cached tokens, bytes fetched, providers,
        price paid, time to first token reused versus full prefill.
+churn: SIGKILLed and restarted nodes (see `churn`).
 load:  node 0 publishes; `requests` concurrent agent requests (`concurrency` at a time) against node 0
        over the document, each with its own question: throughput, p50/p99 latency, errors (must be 0).
 """
@@ -130,4 +131,40 @@ def load(cluster: Cluster, requests: int = 32, concurrency: int = 8, doc_bytes: 
             if lat else None, "errors": errors[:5], "error_count": len(errors)}
 
 
-SCENARIOS = {"basic": basic, "load": load}
+def churn(cluster: Cluster, doc_bytes: int = 1200) -> dict[str, Any]:
+    """Nodes are SIGKILLed and restarted during the run: requests still succeed, and nothing already
+    verified is fetched twice. node1 fetches the document, is SIGKILLed and restarted, and answers
+    again from its own store (0 bytes fetched); then the publisher is SIGKILLed for good, and the last
+    node, which never held the document, gets it from node1 (which re-announced it at restart)."""
+    if cluster.n < 3:
+        raise RuntimeError("churn needs at least 3 nodes")
+    doc = document(doc_bytes)
+    pub = _publish(cluster.nodes[0], doc)
+    steps: list[dict[str, Any]] = []
+
+    def ask(node: DevNode, label: str, want_source: str) -> None:
+        messages = [{"role": "system", "content": doc}, {"role": "user", "content": f"{label}: which piece?"}]
+        if want_source == "network":
+            _wait_visible(node, messages, pub["manifest_id"])
+        k = ask_stream(node, cluster.model, messages)["kvnet"]
+        ok = k["cached_tokens"] == pub["n_tokens"] and k["source"] == want_source
+        if want_source == "local":
+            ok = ok and k["bytes_fetched"] == 0
+        steps.append({"step": label, "node": node.name, "cached_tokens": k["cached_tokens"], "source": k["source"],
+                      "bytes_fetched": k["bytes_fetched"], "providers": k["providers"], "ok": ok})
+
+    n1 = cluster.nodes[1]
+    ask(n1, "first fetch", "network")
+    cluster.kill(n1)
+    n1 = cluster.restart(n1)
+    ask(n1, "after SIGKILL + restart", "local")
+    cluster.kill(cluster.nodes[0])
+    last = cluster.nodes[-1]
+    ask(last, "publisher gone", "network")
+    if steps[-1]["ok"]:
+        steps[-1]["ok"] = steps[-1]["providers"] != [cluster.nodes[0].peer_id]
+    return {"scenario": "churn", "ok": all(s["ok"] for s in steps), "document_tokens": pub["n_tokens"],
+            "steps": steps}
+
+
+SCENARIOS = {"basic": basic, "load": load, "churn": churn}
