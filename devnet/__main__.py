@@ -32,6 +32,13 @@ def _table(report: dict) -> None:
                       str(len(r["providers"])), str(r["price_paid"]), f"{r['ttft_reused_s']:.3f}",
                       f"{r['ttft_full_s']:.3f}", "yes" if r["exact"] else "NO")
         out.print(t)
+    elif report["scenario"] == "byzantine":
+        t = Table("agent", "cached", "source", "exact", "corrupt provider offered", "its score here",
+                  title=f"byzantine: {report['corrupt_node']} serves corrupt pieces")
+        for r in report["agents"]:
+            t.add_row(r["node"], str(r["cached_tokens"]), str(r["source"]), "yes" if r["exact"] else "NO",
+                      "yes" if r["corrupt_provider_offered"] else "no", str(r["corrupt_provider_score"]))
+        out.print(t)
     elif report["scenario"] == "churn":
         t = Table("step", "node", "cached", "source", "fetched MB", "ok", title="churn")
         for r in report["steps"]:
@@ -55,20 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--scenario", choices=sorted(SCENARIOS), default="basic")
     run.add_argument("--model", default="tiny")
     run.add_argument("--dtype", default="fp32", help="fp32 (default: bitwise exactness) or bf16")
-    run.add_argument("--doc-bytes", type=int, default=1200)
+    run.add_argument("--doc-bytes", type=int, default=None, help="document size (default: 1200; byzantine 7000)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
     if args.scenario == "basic" and args.nodes < 2:
         ap.error("basic needs at least 2 nodes (a publisher and an agent's node)")
-    if args.scenario == "churn" and args.nodes < 3:
-        ap.error("churn needs at least 3 nodes")
+    if args.scenario in ("churn", "byzantine") and args.nodes < 3:
+        ap.error(f"{args.scenario} needs at least 3 nodes")
     cluster = Cluster(args.nodes, args.model, args.dtype)
     report: dict
     try:
         with cluster:
             console.print(f"devnet: {args.nodes} nodes up ({args.model} {args.dtype}); scenario {args.scenario}")
             try:
-                report = SCENARIOS[args.scenario](cluster, doc_bytes=args.doc_bytes)
+                kw = {"doc_bytes": args.doc_bytes} if args.doc_bytes else {}
+                report = SCENARIOS[args.scenario](cluster, **kw)
             except Exception as exc:  # noqa: BLE001 - a failing scenario is a report, then teardown
                 report = {"scenario": args.scenario, "ok": False, "error": str(exc)}
     except KeyboardInterrupt:

@@ -167,4 +167,53 @@ def churn(cluster: Cluster, doc_bytes: int = 1200) -> dict[str, Any]:
             "steps": steps}
 
 
-SCENARIOS = {"basic": basic, "load": load, "churn": churn}
+def _corrupt(node: DevNode, manifest_id: str) -> int:
+    """Flip one byte in every MiB of `node`'s stored copy (its data file): it now serves corrupt pieces."""
+    path = node.dir / "data" / "store" / "data" / f"{manifest_id}.kv"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for off in range(4096, size, 1 << 20):
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0xFF]))
+    return size
+
+
+def byzantine(cluster: Cluster, doc_bytes: int = 7000) -> dict[str, Any]:
+    """A provider serves corrupt pieces: node1 fetches the document, then its stored copy rots (one
+    byte flipped per MiB); every later agent still gets verified, correct KV (token-exact against its
+    own full prefill), and a node that was sent a corrupt piece scores node1 down. (Peers that lie in
+    offers are covered by tests/p2p/test_lying_providers.py; a devnet liar process is still to come.)"""
+    if cluster.n < 3:
+        raise RuntimeError("byzantine needs at least 3 nodes")
+    doc = document(doc_bytes)
+    pub = _publish(cluster.nodes[0], doc)
+    bad = cluster.nodes[1]
+    rows: list[dict[str, Any]] = []
+    messages = [{"role": "system", "content": doc}, {"role": "user", "content": "Who verifies?"}]
+    _wait_visible(bad, messages, pub["manifest_id"])
+    ask_stream(bad, cluster.model, messages)
+    _corrupt(bad, pub["manifest_id"])
+    for node in cluster.nodes[2:]:
+        _wait_visible(node, messages, pub["manifest_id"])
+        reused = ask_stream(node, cluster.model, messages)
+        full = ask_stream(node, cluster.model, messages, kvnet_reuse=False)
+        k = reused["kvnet"]
+        with node.http() as c:
+            scores = {p["peer_id"]: p["score"] for p in c.get("/v1/peers").json()["peers"]}
+            fetches = c.get("/v1/status").json()["recent_fetches"]
+        used_bad = any(bad.peer_id in f.get("providers", []) for f in fetches)
+        rows.append({"node": node.name, "cached_tokens": k["cached_tokens"], "source": k["source"],
+                     "exact": k["token_ids"] == full["kvnet"]["token_ids"], "providers": k["providers"],
+                     "corrupt_provider_offered": used_bad, "corrupt_provider_score": scores.get(bad.peer_id),
+                     "corrupt_provider_supplied": bad.peer_id in k["providers"], "network_error": k["network_error"]})
+    ok = all(r["exact"] and r["cached_tokens"] == pub["n_tokens"] and not r["corrupt_provider_supplied"]
+             for r in rows)
+    caught = [r for r in rows if r["corrupt_provider_offered"]]
+    ok = ok and all((r["corrupt_provider_score"] or 0) < 0 for r in caught)
+    return {"scenario": "byzantine", "ok": ok, "document_tokens": pub["n_tokens"], "kv_bytes": pub["total_bytes"],
+            "corrupt_node": bad.name, "agents": rows}
+
+
+SCENARIOS = {"basic": basic, "load": load, "churn": churn, "byzantine": byzantine}

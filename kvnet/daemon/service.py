@@ -37,6 +37,7 @@ from kvnet.reuse import load_prefix
 log = logging.getLogger("kvnet.daemon")
 LOOKUP_TIMEOUT_S = 15.0  # the most a request waits for the network's answer before prefilling locally
 FETCH_TIMEOUT_S = 300.0
+FETCH_ATTEMPTS = 2  # a failed fetch is retried once with a fresh lookup
 WARMUP_TOKENS = 64
 DEFAULT_FETCH_BYTES_PER_S = 50e6  # until this node has measured its own fetches
 
@@ -167,21 +168,29 @@ class Service:
         return result, paid
 
     async def _from_network(self, prompt: list[int], have: int, info: Reuse) -> None:
-        t0 = time.perf_counter()
-        try:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                found = await self.node.find(self.engine.model_id, prompt)
-            info.lookup_s = time.perf_counter() - t0
-            if found is None or found.n_tokens <= have:
+        """Find and fetch the network's longest prefix, if longer than `have`. A fetch that fails (every
+        provider it was given dropped: corrupt pieces, gone) is tried once more with a fresh lookup,
+        which no longer prefers the providers just scored down; then the node prefills locally."""
+        for attempt in range(FETCH_ATTEMPTS):
+            t0 = time.perf_counter()
+            found = None
+            try:
+                with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                    found = await self.node.find(self.engine.model_id, prompt)
+                info.lookup_s += time.perf_counter() - t0
+                if found is None or found.n_tokens <= have:
+                    return
+                t1 = time.perf_counter()
+                result, info.price_paid = await self.fetch_found(found, found.n_tokens)
+                info.fetch_s += time.perf_counter() - t1
+                info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
+                info.bytes_fetched = result.bytes
+                info.network_error = None
                 return
-            t1 = time.perf_counter()
-            result, info.price_paid = await self.fetch_found(found, found.n_tokens)
-            info.fetch_s = time.perf_counter() - t1
-            info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
-            info.bytes_fetched = result.bytes
-        except Exception as exc:  # noqa: BLE001 - the network is an optimisation: answer from the store
-            info.network_error = str(exc) or type(exc).__name__
-            log.info("network prefix lookup/fetch failed, prefilling locally: %s", info.network_error)
+            except Exception as exc:  # noqa: BLE001 - the network is an optimisation: answer from the store
+                info.network_error = str(exc) or type(exc).__name__
+                log.info("network prefix fetch failed (attempt %d of %d): %s", attempt + 1, FETCH_ATTEMPTS,
+                         info.network_error)
 
     async def prepare(self, prompt: list[int]) -> Reuse:
         """The longest prefix of `prompt` held locally or, if longer, on the network; loaded and verified."""
