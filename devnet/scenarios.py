@@ -195,6 +195,10 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000) -> dict[str, Any]:
     _wait_visible(bad, messages, pub["manifest_id"])
     ask_stream(bad, cluster.model, messages)
     _corrupt(bad, pub["manifest_id"])
+    own = ask_stream(bad, cluster.model, messages)["kvnet"]  # its own rotten copy fails verification on load
+    own_full = ask_stream(bad, cluster.model, messages, kvnet_reuse=False)["kvnet"]
+    rotten = {"node": bad.name, "load_error": own["load_error"], "cached_tokens": own["cached_tokens"],
+              "exact": own["token_ids"] == own_full["token_ids"]}
     for node in cluster.nodes[2:]:
         _wait_visible(node, messages, pub["manifest_id"])
         reused = ask_stream(node, cluster.model, messages)
@@ -212,7 +216,9 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000) -> dict[str, Any]:
              for r in rows)
     caught = [r for r in rows if r["corrupt_provider_offered"]]
     ok = ok and all((r["corrupt_provider_score"] or 0) < 0 for r in caught)
-    return {"scenario": "byzantine", "ok": ok, "document_tokens": pub["n_tokens"], "kv_bytes": pub["total_bytes"],
+    ok = ok and rotten["exact"] and rotten["cached_tokens"] == 0 and rotten["load_error"] is not None
+    return {"scenario": "byzantine", "ok": ok,
+            "corrupt_node_itself": rotten, "document_tokens": pub["n_tokens"], "kv_bytes": pub["total_bytes"],
             "corrupt_node": bad.name, "agents": rows}
 
 

@@ -28,6 +28,7 @@ from kvnet.daemon.openai_api import ApiError, GenParams, bad
 from kvnet.daemon.payments import NoPayments, PaymentHook
 from kvnet.daemon.scheduler import Job, Scheduler
 from kvnet.engine import KV, Engine
+from kvnet.errors import KvnetError
 from kvnet.manifest import MAX_PIECE_SIZE, Terms
 from kvnet.p2p.fetcher import FetchResult
 from kvnet.p2p.node import Found, Node
@@ -56,6 +57,7 @@ class Reuse:
     fetch_s: float = 0.0
     load_s: float = 0.0
     network_error: str | None = None
+    load_error: str | None = None  # the stored prefix failed verification when loaded (then prefilled)
     price_paid: int = 0
 
 
@@ -207,7 +209,11 @@ class Service:
         info.cached, info.manifest_id = min(local.n_tokens, usable), local.manifest_id
         info.source = info.source or "local"
         t0 = time.perf_counter()
-        info.kv = await self.runner.call(load_prefix, self.engine, self.store, local.manifest_id, info.cached)
+        try:
+            info.kv = await self.runner.call(load_prefix, self.engine, self.store, local.manifest_id, info.cached)
+        except KvnetError as exc:  # a stored piece rotted on disk: it fails verification, never loads
+            log.warning("stored KV %s failed to load, prefilling instead: %s", local.manifest_id.hex()[:16], exc)
+            return Reuse(network_error=info.network_error, load_error=str(exc))
         info.load_s = time.perf_counter() - t0
         return info
 
@@ -263,7 +269,8 @@ class Service:
             "prefill_s": round(run.gen.prefill_s or 0.0, 4),
             "prefill_s_saved_estimate": round(self.saved_s(run), 4),
             "price_paid": r.price_paid, "currency": self.cfg.prices.currency,  # kvnet.daemon.payments
-            "network_error": r.network_error, "ignored_params": ignored, "token_ids": list(run.gen.tokens),
+            "network_error": r.network_error, "load_error": r.load_error, "ignored_params": ignored,
+            "token_ids": list(run.gen.tokens),
         }
 
     def text_of(self, tokens: list[int]) -> str:
