@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from rich.console import Console
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("basic needs at least 2 nodes (a publisher and an agent's node)")
     if args.scenario in ("churn", "byzantine") and args.nodes < 3:
         ap.error(f"{args.scenario} needs at least 3 nodes")
+    # Ctrl-C and SIGTERM both tear the devnet down (also when started where SIGINT is ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cluster = Cluster(args.nodes, args.model, args.dtype)
     report: dict
     try:

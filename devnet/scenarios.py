@@ -115,8 +115,11 @@ def load(cluster: Cluster, requests: int = 32, concurrency: int = 8, doc_bytes: 
             return {"ok": False, "latency_s": None, "ttft_s": None, "error": str(exc)}
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    pool = ThreadPoolExecutor(concurrency)
+    try:
         results = list(pool.map(one, range(requests)))
+    finally:  # Ctrl-C: drop the requests not started yet, so teardown follows at once
+        pool.shutdown(wait=True, cancel_futures=True)
     wall = time.perf_counter() - t0
     lat = sorted(r["latency_s"] for r in results if r["latency_s"] is not None)
     errors = [r["error"] for r in results if r["error"]]
