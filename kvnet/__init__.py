@@ -51,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "Ledger": "kvnet.ledger",
     "SpendingLimits": "kvnet.ledger",
     "SpendingLimitError": "kvnet.ledger",
+    "Client": "kvnet.client",
+    "ConfigError": "kvnet.daemon.config",
 }
 
 __all__ = ["__version__", *_EXPORTS]

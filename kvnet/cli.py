@@ -761,6 +761,13 @@ def ledger_verify(
     out.print(table)
 
 
+# -- a running kvnet-node (kvnet/cli_node.py) ---------------------------------------------------------
+
+from kvnet.cli_node import register as _register_node  # noqa: E402
+
+_register_node(app, _Group, LogLevel)
+
+
 # -- the experiment ----------------------------------------------------------------------------------
 
 

@@ -22,7 +22,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.publish", "kvnet.reuse", "kvnet.exactness"),
     ("kvnet.p2p.bulk_wire",),  # the bulk path's wire constants: nothing of the p2p machinery below them
     ("kvnet.p2p", "kvnet.p2p.stats"),  # the rest of kvnet.p2p, bulk_server and bulk_client included
-    ("kvnet.logs", "kvnet.cli"),
+    ("kvnet.logs",),  # stdlib only; below the daemon, which configures its handler
+    ("kvnet.daemon",),  # kvnet-node: config, lock, metrics, scheduler, chat, openai_api, service, app, main
+    ("kvnet.client", "kvnet.cli_node", "kvnet.cli"),
 ]
 ROOT = Path(kvnet.__file__).parent
 

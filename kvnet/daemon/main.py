@@ -1,0 +1,189 @@
+"""`kvnet-node --config node.toml`: the long-running node (trio), serving peers and the agent socket.
+
+Start order, so a mistake costs no wait and nothing half-starts: config -> data-dir lock -> identity
+(created at first start) -> the socket path is free -> the model (loaded once, warmed up) -> the store
+-> the node joins the network -> the agent socket accepts -> one JSON `ready` line on stdout.
+SIGTERM / SIGINT: stop accepting agents, cancel generations and transfers, close (flush) the store,
+remove the socket file, release the lock. A restart on the same data dir keeps the store and the peer
+scores, and the node announces what it holds again as it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import trio
+
+from kvnet import identity, logs
+from kvnet.daemon import config as cfgmod
+from kvnet.daemon.lock import DataDirLock
+from kvnet.daemon.logfmt import use_json
+from kvnet.daemon.metrics import Metrics
+from kvnet.errors import KvnetError, first_kvnet_error
+
+log = logging.getLogger("kvnet.daemon")
+GRACE_S = 2.0  # how long in-flight agent requests get after SIGTERM before they are cancelled
+
+
+class SocketInUse(KvnetError):
+    """The agent socket path is served by a live process (another node with the same agent.socket)."""
+
+
+def _check_socket_free(path: Path) -> None:
+    """Refuse a path another live process serves; remove a stale socket file a dead node left."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"agent.socket {path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a node that was SIGKILLed left it
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(f"agent.socket {path} is served by another running process; give this node its own path")
+
+
+def _key(path: Path):
+    if not path.exists():
+        log.warning("no identity key at %s: creating one (back it up: it is this node's identity)", path)
+        return identity.generate(path)
+    return identity.load(path)
+
+
+async def _serve_agents(app, binds: list[str], shutdown: trio.Event, task_status=trio.TASK_STATUS_IGNORED):
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    hc = Config()
+    hc.bind = binds
+    hc.umask = 0o177  # the socket file is created 0600: owner only
+    hc.graceful_timeout = GRACE_S
+    hc.keep_alive_timeout = 30
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("kvnet.daemon.http")
+    await serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
+
+
+async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> None:
+    from kvnet.daemon.app import BearerAuth, build_app
+    from kvnet.daemon.service import Service
+
+    svc = Service(cfg, engine, node, key, metrics)
+    await trio.to_thread.run_sync(svc.warm_up)
+    app = build_app(svc)
+    sock = cfg.socket_path
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            svc.nursery = nursery
+            await nursery.start(node.run)
+            await nursery.start(svc.scheduler.run)
+            nursery.start_soon(svc.refresh_metrics)
+            async with trio.open_nursery() as agents:
+                await agents.start(_serve_agents, app, [f"unix:{sock}"], shutdown)
+                os.chmod(sock, 0o600)
+                if cfg.agent.tcp_port:
+                    await agents.start(_serve_agents, BearerAuth(app, cfg.agent.token),
+                                       [f"127.0.0.1:{cfg.agent.tcp_port}"], shutdown)
+                print(json.dumps({"ready": True, "socket": str(sock), "peer_id": node.peer_id.to_base58(),
+                                  "addrs": node.addrs, "metrics": metrics.address, "pid": os.getpid()}),
+                      flush=True)
+                log.warning("kvnet-node ready: socket %s, peer %s", sock, node.peer_id.to_base58())
+                async for sig in signals:
+                    log.warning("signal %d: stopping (agents first, then transfers)", sig)
+                    break
+                shutdown.set()  # hypercorn stops accepting and gives in-flight requests GRACE_S
+                agents.cancel_scope.deadline = trio.current_time() + GRACE_S + 1
+            nursery.cancel_scope.cancel()  # transfers, announcements, generations
+
+
+def _load_model(cfg: cfgmod.NodeConfig):
+    """The engine, once; a folder that is not a usable Qwen3 checkpoint is one line naming model.ref."""
+    from kvnet.engine import Engine
+
+    try:
+        return Engine(cfg.model.ref, cfg.model.dtype)
+    except KvnetError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise cfgmod.ConfigError(f"model.ref: cannot load {cfg.model.ref!r}: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())}") from exc
+
+
+def run(cfg: cfgmod.NodeConfig) -> None:
+    from kvnet.p2p import commands
+    from kvnet.p2p.node import Node
+    from kvnet.p2p.server import HostingTerms
+    from kvnet.store import Store
+
+    lock = DataDirLock(cfg.data_dir).acquire()
+    store = None
+    sock = cfg.socket_path
+    made_socket = False
+    metrics = Metrics()
+    try:
+        key = _key(cfg.key_path)
+        _check_socket_free(sock)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        engine = _load_model(cfg)
+        store = Store(cfg.store_dir, capacity_bytes=cfg.store_capacity_mb * 2**20 or None)
+        logs.setup()  # libp2p was imported by now, which resets its logger
+        node = Node(key, store, listen=list(cfg.listen), bootstrap=list(cfg.bootstrap),
+                    scores_path=cfg.data_dir / "peer-scores.sqlite",
+                    terms=HostingTerms(cfg.prices.host_fee_per_mib, cfg.prices.currency))
+        logs.setup()
+        if cfg.log.format == "json":
+            use_json()
+        if cfg.metrics:
+            metrics.serve(cfg.metrics)
+        made_socket = True
+        commands.run_trio(_run, cfg, engine, node, key, metrics)
+    finally:
+        metrics.stop()
+        if store is not None:
+            store.close()
+        if made_socket:
+            try:
+                if stat.S_ISSOCK(sock.lstat().st_mode):
+                    sock.unlink()
+            except FileNotFoundError:
+                pass
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvnet-node", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="node.toml (default: every field's default)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfgmod.load(args.config) if args.config else cfgmod.parse({}, Path.cwd())
+        logs.setup(cfg.log.level)
+        if cfg.log.format == "json":
+            use_json()
+        run(cfg)
+    except (KvnetError, BaseExceptionGroup) as exc:
+        err = first_kvnet_error(exc)
+        if err is None:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
