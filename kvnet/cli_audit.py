@@ -39,7 +39,8 @@ class _AuditGroup(TyperGroup):
 
 audit_app = typer.Typer(cls=_AuditGroup, no_args_is_help=True, add_completion=False,
                         help="Audit artifacts' blocks and verify fraud proofs, with no node running "
-                             "(docs/audits.md).")
+                             "(docs/audits.md): `kvnet audit ID --prompt-file F [--blocks N | --all]` "
+                             "(short for `kvnet audit run ID ...`), `kvnet audit verify PROOF`.")
 
 Home = Annotated[Path, typer.Option("--home", envvar="KVNET_HOME", help="Node directory: key and store.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; messages stay on stderr.")]
@@ -75,7 +76,7 @@ def _print_report(report) -> None:
               f"artifact), in {where}", highlight=False)
 
 
-@audit_app.command("run", hidden=True)
+@audit_app.command("run")
 def run(
     ident: Annotated[str, typer.Argument(help="Manifest id or unique hex prefix of one.")],
     prompt_file: Annotated[Path, typer.Option("--prompt-file", exists=True, dir_okay=False,
