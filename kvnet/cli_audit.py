@@ -29,18 +29,38 @@ DEFAULT_HOME = Path(os.environ.get("KVNET_HOME", Path.home() / ".kvnet"))
 
 
 class _AuditGroup(TyperGroup):
-    """`kvnet audit ID ...` runs the `run` command; `kvnet audit verify ...` the `verify` command."""
+    """`kvnet audit ID ...` runs the `run` command; `kvnet audit verify ...` the `verify` command (a
+    manifest id is hex, so it is never a command's name)."""
 
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        if args and args[0] not in self.commands:
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
 
 
 audit_app = typer.Typer(cls=_AuditGroup, no_args_is_help=True, add_completion=False,
                         help="Audit artifacts' blocks and verify fraud proofs, with no node running "
                              "(docs/audits.md): `kvnet audit ID --prompt-file F [--blocks N | --all]` "
                              "(short for `kvnet audit run ID ...`), `kvnet audit verify PROOF`.")
+
+def _log_level(value: str) -> str:
+    from kvnet import logs
+
+    try:
+        logs.setup(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+LogLevel = Annotated[str, typer.Option("--log-level", envvar="KVNET_LOG_LEVEL", callback=_log_level, is_eager=True,
+                                       help="Log detail on stderr: debug, info, warning or error.")]
+
+
+@audit_app.callback()
+def _audit(log_level: LogLevel = "warning") -> None:
+    """Audit artifacts' blocks and verify fraud proofs, with no node running (docs/audits.md)."""
+
 
 Home = Annotated[Path, typer.Option("--home", envvar="KVNET_HOME", help="Node directory: key and store.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; messages stay on stderr.")]
@@ -55,12 +75,20 @@ def _emit(obj: dict[str, Any]) -> None:
 def _engine(model: str, dtype: str, attn: str | None):
     """An engine; `attn` switches its attention kernel (another compute profile, for cross-profile audits)."""
     from kvnet.engine import Engine, compute_profile
+    from kvnet.errors import KvnetError
 
-    with console.status(f"loading model {model} ({dtype})"):
-        engine = Engine(model, dtype)
-    if attn is not None and attn != engine.profile["attn"]:
-        engine.model.set_attn_implementation(attn)
-        engine.profile = compute_profile(attn)
+    try:
+        with console.status(f"loading model {model} ({dtype})"):
+            engine = Engine(model, dtype)
+        if attn is not None and attn != engine.profile["attn"]:
+            engine.model.set_attn_implementation(attn)
+            engine.profile = compute_profile(attn)
+    except KvnetError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        # transformers raises these for a folder that is not a usable Qwen3 checkpoint or an unknown kernel
+        raise InputError(f"cannot load model {model!r} ({dtype}, attention {attn or 'default'}): "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     return engine
 
 
@@ -94,6 +122,7 @@ def run(
     proof_dir: Annotated[Path | None, typer.Option("--proof-dir", file_okay=False,
                                                    help="Where fraud proofs go (default <home>/proofs).")] = None,
     as_json: JsonOpt = False,
+    log_level: LogLevel = "warning",
 ):
     """Recompute blocks of artifact ID from its own earlier blocks and compare; exit 1 if any fails."""
     from kvnet import audit
@@ -147,6 +176,7 @@ def verify(
                                                 "(default: --home).")] = None,
     home: Home = DEFAULT_HOME,
     as_json: JsonOpt = False,
+    log_level: LogLevel = "warning",
 ):
     """Check a fraud proof: the signature, the tokens' chain keys, then the recomputation; exit 1 if it is
     rejected (the error names the rule)."""

@@ -77,13 +77,26 @@ def test_kvnet_audit_catches_block_2_and_its_proof_verifies_in_another_process(t
     assert (out["ok"], out["block"], out["manifest_id"]) == (True, 2, sm.id.hex())
     assert out["rel"] > out["tolerance"] and out["publisher"] == sm.manifest.publisher.hex()
 
-    # the same proof from a plain folder of pieces (named by BLAKE3), no store at all
+
+
+def test_a_proof_verifies_from_a_folder_of_pieces_or_a_store(tmp_path, tiny_bf16, poisoned, proof):
+    """The pieces sources of `kvnet audit verify --pieces`: a plain folder of files named by their
+    BLAKE3 (only those blocks 0..j need), a store directory, a home."""
+    sm, pieces, _ = poisoned
     folder = tmp_path / "pieces"
     folder.mkdir()
     for i in sm.manifest.pieces_for_tokens(3 * B):
         (folder / sm.manifest.pieces[i].hex()).write_bytes(pieces[i])
-    v2 = _kvnet("audit", "verify", proof_path, "--model", "tiny", "--pieces", str(folder))
-    assert v2.returncode == 0 and "proof valid: block 2" in v2.stdout, v2.stderr
+    assert len(list(folder.iterdir())) < len(pieces)
+    home = _home(tmp_path, sm, pieces)
+    for source in (folder, home / "store", home):
+        read, close = fraud.pieces_reader(sm, source)
+        try:
+            assert fraud.verify_proof(proof, tiny_bf16, read).proof.block == 2
+        finally:
+            close()
+    read, close = fraud.pieces_reader(sm, tmp_path / "empty")
+    assert _rule(proof, tiny_bf16, None, read) == "pieces"
 
 
 def test_a_correct_artifact_passes_the_cli_audit(tmp_path, tiny_bf16, key):
@@ -111,9 +124,9 @@ def _forge(proof: bytes, **changes) -> bytes:
     return canonical.encode(d)
 
 
-def _rule(raw: bytes, engine, pieces) -> str:
+def _rule(raw: bytes, engine, pieces, read=None) -> str:
     with pytest.raises(fraud.ProofError) as err:
-        fraud.verify_proof(raw, engine, lambda i: pieces[i])
+        fraud.verify_proof(raw, engine, read or (lambda i: pieces[i]))
     assert str(err.value).startswith(f"proof rejected ({err.value.rule}): ")
     return err.value.rule
 
