@@ -29,10 +29,11 @@ from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest, pa
 if TYPE_CHECKING:
     from kvnet.audit import BlockAudit
     from kvnet.engine import Engine
+    from kvnet.store import Store
 
 __all__ = ["FORMAT_VERSION", "MAX_PROOF_BYTES", "PROOF_DOMAIN", "RULES", "FraudProof", "ProofError",
            "VerifiedProof", "build_proof", "check_proof", "decode_tokens", "encode_tokens", "pieces_reader",
-           "verify_proof"]
+           "refuse", "verify_proof"]
 
 PROOF_DOMAIN = "kvnet/fraud-proof"
 FORMAT_VERSION = 1
@@ -180,6 +181,25 @@ def verify_proof(raw: bytes, engine: Engine, read_piece: ReadPiece) -> VerifiedP
           f"block {proof.block} is the KV of its tokens (verdict {result.verdict}, rel {result.rel:.3g} <= "
           f"{result.tolerance:.3g}): the proof accuses an honest block")
     return VerifiedProof(proof, result.max_abs, result.rel, result.tolerance, result.first_layer)
+
+
+def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
+    """Verify a proof received from anyone against the pieces `store` holds, then stop using and
+    serving the manifest it accuses: it is removed from the store (pinned or not; a node announces
+    only what its store holds). A proof that fails any rule changes nothing (ProofError): a false
+    accusation costs the publisher nothing."""
+    proof = check_proof(raw)
+    mid = proof.manifest_id
+
+    def read(i: int) -> bytes | bytearray:
+        try:
+            return store.read_piece(mid, i, verify=False)
+        except KvnetError as exc:
+            raise ProofError("pieces", f"the store lacks piece {i} of {mid.hex()[:16]}: {exc}") from exc
+
+    verified = verify_proof(raw, engine, read)
+    store.delete(mid, force=True)
+    return verified
 
 
 def pieces_reader(signed: SignedManifest, source: Path) -> tuple[ReadPiece, Callable[[], None]]:
