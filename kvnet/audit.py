@@ -16,11 +16,15 @@ reported, never only a boolean.
 
 from __future__ import annotations
 
+import logging
+import queue
 import random
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,7 +34,7 @@ from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import Manifest, SignedManifest
 
-__all__ = ["AuditError", "AuditReport", "BlockAudit", "BlockMismatchError", "PromptMismatchError",
+__all__ = ["AuditError", "AuditReport", "BackgroundAuditor", "BlockAudit", "BlockMismatchError", "PromptMismatchError",
            "ROUNDING_TOLERANCE", "CROSS_PROFILE_TOLERANCE", "audit", "audit_block", "audit_block_from", "choose_blocks",
            "covered_blocks", "layer_hashes", "recompute_block", "tolerance"]
 
@@ -45,6 +49,7 @@ ROUNDING_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2.0**-3, "bf16": 2
 CROSS_PROFILE_TOLERANCE: dict[str, float] = {"fp32": 1e-3, "fp16": 2.0**-2, "bf16": 2.0**-2}
 
 ReadPiece = Callable[[int], bytes | bytearray]
+log = logging.getLogger("kvnet.audit")
 
 
 class AuditError(KvnetError, ValueError):
@@ -286,3 +291,70 @@ def audit(engine: Engine, sm: SignedManifest, prompt: Sequence[int], read_piece:
                          dict(engine.profile))
     report.blocks = [audit_block(engine, m, prompt, j, read_piece) for j in chosen]
     return report
+
+
+class BackgroundAuditor:
+    """The node policy: on the first load of each artifact, audit `n_random` random covered blocks plus
+    the last reused one, on one worker thread, so the answer that loaded it is not delayed.
+
+    `loaded(signed, prompt)` queues the audit and returns at once; the worker reads the pieces through
+    its own read-only store on `store_root` (never the caller's connection) and hands each report to
+    `on_report`, and each fraud proof (a block that failed in the producer's own profile) to
+    `on_proof(raw)`. An artifact is audited once per auditor, whatever its later loads. `drain()`
+    waits for the queue (a CLI process calls it after printing its answer, before it exits)."""
+
+    def __init__(self, engine: Engine, store_root: Path, *, n_random: int = 1,
+                 on_report: Callable[[AuditReport], None] | None = None,
+                 on_proof: Callable[[bytes], None] | None = None, rng: random.Random | None = None) -> None:
+        self.engine, self.store_root, self.n_random = engine, Path(store_root), n_random
+        self.on_report, self.on_proof, self.rng = on_report, on_proof, rng or random.Random()
+        self.reports: list[AuditReport] = []
+        self.errors: list[BaseException] = []
+        self._seen: set[bytes] = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="kvnet-audit", daemon=True)
+        self._worker.start()
+
+    def loaded(self, signed: SignedManifest, prompt: Sequence[int]) -> bool:
+        """Queue an audit of `signed` against `prompt` if this is its first load; True if queued."""
+        if signed.id in self._seen:
+            return False
+        self._seen.add(signed.id)
+        self._queue.put((signed, list(prompt)))
+        return True
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued audit is done; False if `timeout` ran out first."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join()
+
+    def _run(self) -> None:
+        from kvnet import fraud
+        from kvnet.store import Store
+
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            signed, prompt = item
+            try:
+                with Store(self.store_root, read_only=True) as store:
+                    report = audit(self.engine, signed, prompt,
+                                   lambda i, s=store, m=signed.id: s.read_piece(m, i, verify=False),
+                                   n_random=self.n_random, rng=self.rng)
+                self.reports.append(report)
+                if self.on_report:
+                    self.on_report(report)
+                for b in report.failed if report.same_profile else []:
+                    log.warning("artifact %s block %d is not the KV of its tokens (rel %.3g)",
+                                signed.id.hex()[:16], b.block, b.rel)
+                    if self.on_proof:
+                        self.on_proof(fraud.build_proof(signed, b, prompt))
+            except Exception as exc:  # noqa: BLE001 - a failed audit must never take the answer down
+                log.warning("audit of %s failed: %s", signed.id.hex()[:16], exc)
+                self.errors.append(exc)

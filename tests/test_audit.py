@@ -127,3 +127,37 @@ def test_another_model_cannot_audit(key, tiny_bf16):
     fake = replace(sm.manifest, model_id=bytes(32))
     with pytest.raises(audit.AuditError, match="not the same model"):
         audit.recompute_block(tiny_bf16, fake, DOC, 1, _reader(pieces))
+
+
+def test_the_background_policy_audits_each_artifact_once_without_holding_the_caller(tiny_bf16, key, store):
+    """`loaded` returns before the audit runs (the worker waits on an event set only after it returned),
+    each artifact is audited on its first load only, and a forged block yields a fraud proof."""
+    import threading
+
+    from kvnet import fraud
+    from tests.poison import put
+
+    poisoned = put(store, *poisoned_artifact(tiny_bf16, key, DOC, OTHER, forged=2, block_size=B))
+    honest = put(store, *honest_artifact(tiny_bf16, key, DOC[:200], B))
+    returned = threading.Event()
+    seen, proofs = [], []
+
+    def on_report(report):
+        assert returned.wait(60)  # the caller got control back before any audit finished
+        seen.append(report)
+
+    auditor = audit.BackgroundAuditor(tiny_bf16, store.root, n_random=3, on_report=on_report,
+                                      on_proof=proofs.append)
+    try:
+        assert auditor.loaded(store.get_manifest(poisoned), DOC + [7, 8])
+        returned.set()
+        assert not auditor.loaded(store.get_manifest(poisoned), DOC)  # a second load: no second audit
+        assert auditor.loaded(store.get_manifest(honest), DOC[:200])
+        assert auditor.drain(120)
+    finally:
+        auditor.close()
+    assert auditor.errors == []
+    assert [(r.manifest_id, r.passed) for r in seen] == [(poisoned, False), (honest, True)]
+    assert [b.block for b in seen[0].blocks] == [0, 1, 2, 3]  # 3 random + the last covers all 4
+    (raw,) = proofs
+    assert fraud.verify_proof(raw, tiny_bf16, lambda i: store.read_piece(poisoned, i)).proof.block == 2

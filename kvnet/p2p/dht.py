@@ -5,7 +5,8 @@
 - Strict validation: only namespaced keys with a registered validator are accepted. The one value
   namespace is `/kvm/<base64url(manifest id)>` (48 bytes: py-libp2p drops lookup keys over 50 bytes),
   holding signed manifest bytes; a value is accepted only if BLAKE3(value) is the id in the key and
-  the manifest parses, verifies and has not expired.
+  the manifest parses, verifies and has not expired. Fraud proofs go under `/kvf/<base64url(manifest
+  id)>` (docs/audits.md), accepted if they pass every rule that needs no model.
 - Provider records are keyed by raw 32-byte ids: each manifest id, and only the chain keys at block
   counts that are powers of two (1, 2, 4, 8, ... blocks) whose covering pieces the provider holds.
   A 640-block document is 11 records instead of 641: every record costs a Kademlia lookup plus up
