@@ -24,7 +24,7 @@ from kvnet.errors import InputError
 from kvnet.tokenizer import read_text
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)  # one block, one line, whatever the width
 DEFAULT_HOME = Path(os.environ.get("KVNET_HOME", Path.home() / ".kvnet"))
 
 
