@@ -42,3 +42,15 @@ def put(store: Store, sm: SignedManifest, pieces: list[bytes]) -> bytes:
     store.put_manifest(sm.raw)
     store.put_pieces(sm.id, list(enumerate(pieces)))
     return sm.id
+
+
+def blockwise_artifact(engine: Engine, key: Ed25519PrivateKey, doc: list[int], block_size: int,
+                       piece_size: int = 4096) -> tuple[SignedManifest, list[bytes]]:
+    """`doc`'s artifact computed block by block (each block prefilled on top of the KV of the blocks
+    before it): the computation an audit repeats, so every block audits bitwise (docs/audits.md)."""
+    kv = None
+    for start in range(0, len(doc), block_size):
+        kv = engine.prefill(doc[start : start + block_size], kv=kv)
+    data = artifact.kv_to_bytes(kv, engine.layout, block_size)
+    sm = artifact.build_manifest(engine, doc, data, key, block_size=block_size, piece_size=piece_size)
+    return sm, [bytes(p) for p in artifact.split_pieces(data, piece_size)]

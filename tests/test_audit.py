@@ -12,7 +12,7 @@ from kvnet import audit
 from kvnet.engine import Engine, compute_profile
 from kvnet.errors import KvnetError
 from tests.conftest import random_tokens
-from tests.poison import honest_artifact, poisoned_artifact
+from tests.poison import blockwise_artifact, honest_artifact, poisoned_artifact
 
 B = 64
 DOC = random_tokens(4 * B, seed=120)  # 4 blocks
@@ -44,6 +44,17 @@ def test_a_correct_artifact_passes_every_block(request, dtype, key):
         assert b.rel <= b.tolerance == audit.ROUNDING_TOLERANCE[dtype]
         assert (b.max_abs == 0.0) == b.bitwise == (b.first_layer is None)
     report.raise_for_failure()  # no error
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_an_artifact_computed_block_by_block_audits_bitwise(request, dtype, key):
+    """The limit in docs/audits.md: the tolerance exists because publishing prefills in one pass; an
+    artifact computed the way an audit recomputes it is `exact` in every block (partial tail too)."""
+    engine = request.getfixturevalue(f"tiny_{dtype}")
+    doc = random_tokens(5 * B + 9, seed=122)
+    sm, pieces = blockwise_artifact(engine, key, doc, B)
+    report = audit.audit(engine, sm, doc, _reader(pieces), all_blocks=True)
+    assert [b.verdict for b in report.blocks] == ["exact"] * 6
 
 
 def test_a_block_computed_from_another_text_is_caught_and_only_it(tiny_bf16, key):
