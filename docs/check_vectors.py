@@ -1,8 +1,9 @@
 """Independent checker for docs/vectors.json and docs/chain-vectors.json.
 
-Written from docs/artifact.md, docs/protocol.md and docs/payments.md alone: it NEVER imports kvnet. It needs only the
-standard library and the `blake3`, `msgpack` (used only to split bytes into values; every encoding
-is checked by the hand-written canonical encoder below) and `cryptography` packages.
+Written from docs/artifact.md, docs/protocol.md, docs/payments.md and docs/audits.md alone: it NEVER
+imports kvnet. It needs only the standard library and the `blake3`, `msgpack` (used only to split bytes
+into values; every encoding is checked by the hand-written canonical encoder below) and `cryptography`
+packages.
 
     python3 docs/check_vectors.py                                  # every vector except the weights bytes
     python3 docs/check_vectors.py --weights <tiny>/model.safetensors   # also recompute the weights digest
@@ -519,6 +520,56 @@ def check_batch(c: Checker, v: dict[str, Any]) -> None:
          v["batch_owed"])
 
 
+PROOF_DOMAIN = "kvnet/fraud-proof"
+PROOF_FIELDS = ("block", "domain", "manifest", "recomputed", "tokens", "v")
+MAX_PROOF_BYTES = 4 * 2**20 + 4 * 2**22 + 2**20
+
+
+def proof_problem(raw: bytes) -> str | None:
+    """The model-free rules of docs/audits.md, "Verifying a proof", in order: None, or the rule broken."""
+    if len(raw) > MAX_PROOF_BYTES:
+        return "size"
+    try:
+        d = dec(raw)
+    except ValueError:
+        return "encoding"
+    if not isinstance(d, dict) or tuple(sorted(d)) != PROOF_FIELDS:
+        return "fields"
+    if (d["domain"], d["v"]) != (PROOF_DOMAIN, 1):
+        return "version"
+    try:
+        man = dec(d["manifest"])
+        body = {k: x for k, x in man.items() if k != "sig"}
+        Ed25519PublicKey.from_public_bytes(man["publisher"]).verify(man["sig"], MANIFEST_DOMAIN + enc(body))
+    except Exception:
+        return "manifest"
+    j, bs, n = d["block"], man["block_size"], man["n_tokens"]
+    if not 0 <= j < len(man["chain"]):
+        return "block"
+    end = min((j + 1) * bs, n)
+    if len(d["tokens"]) != 4 * end:
+        return "tokens"
+    tokens = list(struct.unpack(f"<{end}I", d["tokens"]))
+    if [k for _, k in chain_keys(man["model_id"], tokens, bs)] != man["chain"][: j + 1]:
+        return "chain"
+    if len(d["recomputed"]) != man["kv_shape"][0] or any(len(h) != 32 for h in d["recomputed"]):
+        return "hashes"
+    return None
+
+
+def check_fraud_proof(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> None:
+    raw = bytes.fromhex(v["proof_hex"])
+    proof = from_typed(v["proof"])
+    c.eq("proof bytes", enc(proof).hex(), v["proof_hex"])
+    c.eq("proof id", b3(raw).hex(), v["proof_id"])
+    c.eq("proof manifest", proof["manifest"].hex(), man["signed_hex"])
+    c.eq("proof tokens", list(struct.unpack(f"<{len(v['tokens'])}I", proof["tokens"])), v["tokens"])
+    c.eq("proof valid", proof_problem(raw), None)
+    c.eq("proof limits", v["limits"], {"domain": PROOF_DOMAIN, "v": 1, "max_proof_bytes": MAX_PROOF_BYTES})
+    for rule, bad in v["refused"].items():
+        c.eq(f"proof refused by rule {rule}", proof_problem(bytes.fromhex(bad)), rule)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=Path, default=HERE / "vectors.json")
@@ -539,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     c.run("manifest", lambda: check_manifest(c, v["manifest"], v["model_id"]["model_id"]["bf16"]))
     c.run("wire", lambda: check_wire(c, v["wire"], v["manifest"]))
     c.run("payments", lambda: check_payments(c, v["payments"], v["manifest"]))
+    c.run("fraud_proof", lambda: check_fraud_proof(c, v["fraud_proof"], v["manifest"]))
     for f in c.failures:
         print(f"FAIL: {f}")
     if c.failures:

@@ -1,5 +1,5 @@
-"""Regenerate docs/vectors.json: test vectors for every format in docs/artifact.md, docs/protocol.md and
-docs/payments.md.
+"""Regenerate docs/vectors.json: test vectors for every format in docs/artifact.md, docs/protocol.md,
+docs/payments.md and docs/audits.md.
 
     .venv/bin/python docs/make_vectors.py          # rewrites docs/vectors.json
     python3 docs/check_vectors.py                  # recomputes them without kvnet
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from kvnet import canonical, chain, identity, manifest, models, receipts  # noqa: E402
+from kvnet import canonical, chain, fraud, identity, manifest, models, receipts  # noqa: E402
 from kvnet.hashing import b3  # noqa: E402
 from kvnet.p2p import wire  # noqa: E402
 from kvnet.tokenizer import HF_IDENTITY_NAME, ByteTokenizer, encode_chat  # noqa: E402
@@ -315,13 +315,54 @@ def payment_wire_vectors(sm: manifest.SignedManifest, ch: receipts.Channel,
     ]
 
 
+def _proof(sm: manifest.SignedManifest, block: int, tokens: list[int], hashes: list[bytes], **extra: Any) -> bytes:
+    return canonical.encode({"domain": fraud.PROOF_DOMAIN, "v": fraud.FORMAT_VERSION, "manifest": sm.raw,
+                             "block": block, "tokens": fraud.encode_tokens(tokens), "recomputed": hashes, **extra})
+
+
+def fraud_vectors(sm: manifest.SignedManifest) -> dict[str, Any]:
+    """A fraud proof against block 1 of the vector manifest, and proofs the model-free rules refuse
+    (docs/audits.md). The vector artifact is not real KV, so the recomputed hashes are stand-ins: the
+    recomputation rules need the model and are covered by tests/test_fraud.py."""
+    m = sm.manifest
+    tokens = ByteTokenizer().encode(DOCUMENT)[: m.boundary(1)]
+    hashes = [b3(f"stand-in recomputed layer {i}".encode()) for i in range(m.kv_shape[0])]
+    raw = _proof(sm, 1, tokens, hashes)
+    assert fraud.check_proof(raw).block == 1  # kvnet accepts what the vector says is well formed
+    refused = {
+        "chain": _proof(sm, 1, [tokens[0] ^ 1, *tokens[1:]], hashes),
+        "tokens": _proof(sm, 1, tokens[:-1], hashes),
+        "block": _proof(sm, len(m.chain), tokens, hashes),
+        "hashes": _proof(sm, 1, tokens, hashes[:1]),
+        "fields": _proof(sm, 1, tokens, hashes, auditor=b"x"),
+        "version": canonical.encode({**canonical.decode(raw), "v": 2}),
+        "manifest": canonical.encode({**canonical.decode(raw), "manifest": sm.raw[:-1] + bytes([sm.raw[-1] ^ 1])}),
+    }
+    for rule, bad in refused.items():
+        try:
+            fraud.check_proof(bad)
+        except fraud.ProofError as exc:
+            assert exc.rule == rule, (rule, exc.rule)
+        else:
+            raise AssertionError(f"kvnet accepted the {rule} vector")
+    return {
+        "proof": typed(canonical.decode(raw)),
+        "proof_hex": raw.hex(),
+        "proof_id": b3(raw).hex(),
+        "tokens": tokens,
+        "refused": {rule: bad.hex() for rule, bad in refused.items()},
+        "limits": {"domain": fraud.PROOF_DOMAIN, "v": fraud.FORMAT_VERSION, "max_proof_bytes": fraud.MAX_PROOF_BYTES},
+    }
+
+
 def build() -> dict[str, Any]:
     model = model_vectors()
     man, artifact, sm = manifest_vectors(bytes.fromhex(model["model_id"]["bf16"]))
     return {
-        "about": "kvnet format test vectors (docs/artifact.md, docs/protocol.md, docs/payments.md). Regenerate with "
-                 "`.venv/bin/python docs/make_vectors.py`; check without kvnet with `python3 docs/check_vectors.py "
-                 "[--weights <tiny>/model.safetensors]`. Values use the typed JSON form of make_vectors.py.",
+        "about": "kvnet format test vectors (docs/artifact.md, docs/protocol.md, docs/payments.md, docs/audits.md). "
+                 "Regenerate with `.venv/bin/python docs/make_vectors.py`; check without kvnet with "
+                 "`python3 docs/check_vectors.py [--weights <tiny>/model.safetensors]`. Values use the typed JSON "
+                 "form of make_vectors.py.",
         "canonical": {"cases": canonical_cases(), "non_canonical_hex": NON_CANONICAL},
         "config": config_vectors(),
         "model_id": model,
@@ -330,6 +371,7 @@ def build() -> dict[str, Any]:
         "manifest": man,
         "wire": wire_vectors(sm, artifact),
         "payments": payment_vectors(sm),
+        "fraud_proof": fraud_vectors(sm),
     }
 
 

@@ -808,5 +808,12 @@ def exactness(
     out.print(f"load {report['load_s']:.3f} s vs prefill {report['prefill_s']:.3f} s")
 
 
+# -- audits and fraud proofs (kvnet/cli_audit.py) ------------------------------------------------------
+
+from kvnet.cli_audit import audit_app  # noqa: E402  (a sub-app in its own module, like `ledger` but apart)
+
+app.add_typer(audit_app, name="audit")
+
+
 if __name__ == "__main__":
     app()

@@ -85,7 +85,7 @@ def test_version_and_help_text_for_every_option_and_argument():
     assert r.stdout.strip() == f"kvnet {__import__('kvnet').__version__}"
     group = typer.main.get_command(app)
     assert set(group.commands) == {"keygen", "publish", "ls", "show", "verify", "pin", "rm", "gc", "generate",
-                                   "serve", "fetch", "exactness", "ledger", "node"}
+                                   "serve", "fetch", "exactness", "ledger", "node", "audit"}
     for name, cmd in group.commands.items():
         assert cmd.help, name
         for param in cmd.params:

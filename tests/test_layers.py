@@ -19,12 +19,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.identity", "kvnet.manifest", "kvnet.receipts"),
     ("kvnet.artifact", "kvnet.pieces"),
     ("kvnet.store", "kvnet.store_index", "kvnet.store_files", "kvnet.store_writer", "kvnet.ledger"),
-    ("kvnet.publish", "kvnet.reuse", "kvnet.exactness"),
+    ("kvnet.publish", "kvnet.reuse", "kvnet.exactness", "kvnet.audit", "kvnet.fraud"),
     ("kvnet.p2p.bulk_wire",),  # the bulk path's wire constants: nothing of the p2p machinery below them
     ("kvnet.p2p", "kvnet.p2p.stats"),  # the rest of kvnet.p2p, bulk_server and bulk_client included
     ("kvnet.logs",),  # stdlib only; below the daemon, which configures its handler
     ("kvnet.daemon",),  # kvnet-node: config, lock, metrics, scheduler, chat, openai_api, service, app, main
-    ("kvnet.client", "kvnet.cli_node", "kvnet.cli"),
+    ("kvnet.client", "kvnet.cli_node", "kvnet.cli_audit", "kvnet.cli"),
 ]
 ROOT = Path(kvnet.__file__).parent
 

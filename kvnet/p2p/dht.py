@@ -5,7 +5,8 @@
 - Strict validation: only namespaced keys with a registered validator are accepted. The one value
   namespace is `/kvm/<base64url(manifest id)>` (48 bytes: py-libp2p drops lookup keys over 50 bytes),
   holding signed manifest bytes; a value is accepted only if BLAKE3(value) is the id in the key and
-  the manifest parses, verifies and has not expired.
+  the manifest parses, verifies and has not expired. Fraud proofs go under `/kvf/<base64url(manifest
+  id)>` (docs/audits.md), accepted if they pass every rule that needs no model.
 - Provider records are keyed by raw 32-byte ids: each manifest id, and only the chain keys at block
   counts that are powers of two (1, 2, 4, 8, ... blocks) whose covering pieces the provider holds.
   A 640-block document is 11 records instead of 641: every record costs a Kademlia lookup plus up
@@ -32,7 +33,7 @@ import trio
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.records.validator import Validator
 
-from kvnet import chain
+from kvnet import chain, fraud
 from kvnet.hashing import b3
 from kvnet.manifest import Manifest, ManifestError, parse
 from kvnet.p2p import compat, dht_limits
@@ -109,6 +110,58 @@ class ManifestValidator(Validator):
         return 0  # every valid value for a key is the same bytes (the key is their hash)
 
 
+# -- fraud proofs (docs/audits.md, "Proofs on the DHT") ----------------------------------------------
+
+PROOF_NS = "kvf"
+PROOF_RECORD_MAX_BYTES = MANIFEST_RECORD_MAX_BYTES  # a proof holds its manifest: bigger ones are not put
+
+
+def proof_key(mid: bytes) -> str:
+    """`/kvf/<base64url(manifest id)>`: fraud proofs against that manifest (48 bytes, like /kvm/)."""
+    return f"/{PROOF_NS}/" + base64.urlsafe_b64encode(mid).rstrip(b"=").decode()
+
+
+class ProofValidator(Validator):
+    """Accept a proof record only if it passes every rule that needs no model (kvnet.fraud.check_proof:
+    encoding, signature of the manifest it holds, the tokens' chain keys) and accuses the manifest its
+    key names. The recomputation needs the producer's model: a node acts on a proof only after
+    `kvnet.fraud.verify_proof`, never on this check alone. Validated records are remembered for a
+    short while, like ManifestValidator's, so py-libp2p's second synchronous call is cheap."""
+
+    RECENT_MAX = 64
+    RECENT_S = 30.0
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def validate(self, key: str, value: bytes) -> None:
+        if not isinstance(value, bytes | bytearray) or len(value) > PROOF_RECORD_MAX_BYTES:
+            raise ValueError("proof record too large or not bytes")
+        prefix = f"/{PROOF_NS}/"
+        if not key.startswith(prefix):
+            raise ValueError(f"not a proof key: {key!r}")
+        digest, now = b3(value), time.monotonic()
+        with self._lock:
+            seen = self._recent.get((key, digest))
+            if seen is not None and now - seen < self.RECENT_S:
+                return
+        try:
+            proof = fraud.check_proof(bytes(value))
+        except fraud.ProofError as exc:
+            raise ValueError(f"proof record rejected: {exc}") from exc
+        if proof_key(proof.manifest_id) != key:
+            raise ValueError("proof record accuses another manifest than its key names")
+        with self._lock:
+            self._recent[(key, digest)] = now
+            while len(self._recent) > self.RECENT_MAX:
+                self._recent.popitem(last=False)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        """Any valid proof will do; the smallest is the cheapest to verify (ties: the first)."""
+        return min(range(len(values)), key=lambda i: len(values[i]))
+
+
 def is_announced_block_count(blocks: int) -> bool:
     """Chain keys are announced only at 1, 2, 4, 8, ... full blocks."""
     return blocks > 0 and blocks & (blocks - 1) == 0
@@ -179,6 +232,7 @@ def make_dht(host) -> KadDHT:
     dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
     compat.set_provider_rate_limit(dht, PROVIDER_RATE_MAX)
     dht.register_validator(MANIFEST_NS, ManifestValidator())
+    dht.register_validator(PROOF_NS, ProofValidator())
     compat.install_dht_stores(dht, dht_limits.BoundedProviderStore(host, dht.peer_routing),
                               dht_limits.BoundedValueStore(host, dht.local_peer_id))
     compat.guard_dht_handler(dht)

@@ -1,0 +1,230 @@
+"""Fraud proofs: evidence, checkable by anyone with the same model, that a signed artifact's block j is
+not the KV of the tokens its publisher committed to.
+
+    proof = canonical msgpack map {
+        "domain": "kvnet/fraud-proof", "v": 1,
+        "manifest": bin (the signed manifest bytes), "block": int j,
+        "tokens": bin (u32 little-endian token ids of blocks 0..j),
+        "recomputed": [bin 32, one per layer] (BLAKE3(K || V) of block j recomputed from blocks 0..j-1) }
+    proof id = BLAKE3(proof bytes)
+
+The spec, the rules and a test vector are in docs/audits.md and docs/vectors.json. `check_proof` runs
+the torch-free rules (a DHT validator can call it); `verify_proof` adds the recomputation and needs the
+producer's model and compute profile. Each rejection is a `ProofError` whose `rule` names the rule.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvnet import canonical, chain
+from kvnet.errors import KvnetError
+from kvnet.hashing import b3
+from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest, parse
+
+if TYPE_CHECKING:
+    from kvnet.audit import BlockAudit
+    from kvnet.engine import Engine
+    from kvnet.store import Store
+
+__all__ = ["FORMAT_VERSION", "MAX_PROOF_BYTES", "PROOF_DOMAIN", "RULES", "FraudProof", "ProofError",
+           "VerifiedProof", "build_proof", "check_proof", "decode_tokens", "encode_tokens", "pieces_reader",
+           "refuse", "verify_proof"]
+
+PROOF_DOMAIN = "kvnet/fraud-proof"
+FORMAT_VERSION = 1
+MAX_PROOF_TOKENS = 1 << 22  # = the manifest's MAX_TOKENS
+# The largest manifest, the largest token list (4 bytes a token) and 1 MiB for the rest (headers, hashes).
+MAX_PROOF_BYTES = MAX_MANIFEST_BYTES + 4 * MAX_PROOF_TOKENS + (1 << 20)
+FIELDS = frozenset({"domain", "v", "manifest", "block", "tokens", "recomputed"})
+# Every rule a proof can fail, in the order they are checked (docs/audits.md, "Verifying a proof").
+RULES = ("size", "encoding", "fields", "version", "manifest", "block", "tokens", "chain", "hashes",
+         "model", "profile", "pieces", "recompute", "honest")
+
+ReadPiece = Callable[[int], bytes | bytearray]
+
+
+class ProofError(KvnetError, ValueError):
+    """A fraud proof was rejected; `rule` is the rule it broke (one of RULES)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"proof rejected ({rule}): {message}")
+        self.rule = rule
+
+
+def _need(cond: bool, rule: str, message: str) -> None:
+    if not cond:
+        raise ProofError(rule, message)
+
+
+def encode_tokens(tokens: list[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}I", *tokens)
+
+
+def decode_tokens(raw: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+
+
+@dataclass(frozen=True)
+class FraudProof:
+    """A decoded proof whose torch-free rules passed (see `check_proof`)."""
+
+    signed: SignedManifest
+    block: int
+    tokens: list[int]
+    recomputed: tuple[bytes, ...]
+    raw: bytes
+
+    @property
+    def id(self) -> bytes:
+        return b3(self.raw)
+
+    @property
+    def manifest_id(self) -> bytes:
+        return self.signed.id
+
+
+@dataclass(frozen=True)
+class VerifiedProof:
+    """A proof that passed every rule: block `block` of `manifest_id` is not the KV of its tokens."""
+
+    proof: FraudProof
+    max_abs: float
+    rel: float
+    tolerance: float
+    first_layer: int | None
+
+
+def build_proof(sm: SignedManifest, audit: BlockAudit, tokens: list[int]) -> bytes:
+    """The canonical bytes of a proof for a block that failed an audit in the producer's own profile."""
+    if audit.passed or not audit.same_profile:
+        raise ProofError("honest", f"block {audit.block} did not fail an audit in the producer's profile "
+                                   f"(verdict {audit.verdict}, same profile: {audit.same_profile}): no proof")
+    end = sm.manifest.boundary(audit.block)
+    raw = canonical.encode({"domain": PROOF_DOMAIN, "v": FORMAT_VERSION, "manifest": sm.raw,
+                            "block": audit.block, "tokens": encode_tokens(list(tokens[:end])),
+                            "recomputed": list(audit.recomputed)})
+    check_proof(raw)  # what we hand out must pass our own rules
+    return raw
+
+
+def check_proof(raw: bytes) -> FraudProof:
+    """The rules that need no model: size, encoding, fields, version, the manifest's signature, the
+    block index, the token count and the chain keys of the tokens, the hash list. Torch-free."""
+    _need(len(raw) <= MAX_PROOF_BYTES, "size", f"{len(raw)} bytes, limit {MAX_PROOF_BYTES}")
+    try:
+        d = canonical.decode(raw, MAX_PROOF_BYTES)
+    except canonical.CanonicalError as exc:
+        raise ProofError("encoding", str(exc)) from exc
+    _need(isinstance(d, dict) and set(d) == FIELDS, "fields",
+          f"a proof is a map of exactly {sorted(FIELDS)}")
+    types_ok = (isinstance(d["domain"], str) and _is_int(d["v"]) and isinstance(d["manifest"], bytes)
+                and _is_int(d["block"]) and isinstance(d["tokens"], bytes) and isinstance(d["recomputed"], list))
+    _need(types_ok, "fields", "field types: domain str, v int, manifest bin, block int, tokens bin, "
+                              "recomputed array")
+    _need(d["domain"] == PROOF_DOMAIN and d["v"] == FORMAT_VERSION, "version",
+          f"domain {d['domain']!r} v {d['v']}: this verifier reads {PROOF_DOMAIN!r} v {FORMAT_VERSION}")
+    try:
+        sm = parse(d["manifest"], allow_expired=True)
+    except ManifestError as exc:
+        raise ProofError("manifest", str(exc)) from exc
+    m, j = sm.manifest, d["block"]
+    _need(0 <= j < len(m.chain), "block", f"block {j} out of range: the artifact has {len(m.chain)} blocks")
+    end = m.boundary(j)
+    _need(len(d["tokens"]) == 4 * end, "tokens",
+          f"block {j} needs the {end} token ids of blocks 0..{j} ({4 * end} bytes), got {len(d['tokens'])} bytes")
+    tokens = decode_tokens(d["tokens"])
+    keys = [k.key for k in chain.chain_keys(m.model_id, tokens, m.block_size)]
+    _need(keys == list(m.chain[: j + 1]), "chain",
+          "the tokens' chain keys differ from the manifest's: the publisher did not commit to these tokens")
+    hashes = d["recomputed"]
+    _need(len(hashes) == m.kv_shape[0] and all(isinstance(h, bytes) and len(h) == 32 for h in hashes), "hashes",
+          f"recomputed must hold {m.kv_shape[0]} 32-byte hashes (one per layer)")
+    return FraudProof(sm, j, tokens, tuple(hashes), bytes(raw))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def verify_proof(raw: bytes, engine: Engine, read_piece: ReadPiece) -> VerifiedProof:
+    """Every rule: `check_proof`, then the recomputation of the block from the manifest's own pieces
+    (`read_piece(i)` returns piece i; each is verified against the manifest before use).
+
+    Needs the producer's model and compute profile: only there is the recomputation bitwise
+    reproducible (rules `model`, `profile`). A proof is accepted only if the recomputed block hashes
+    to what the proof says (`recompute`) and differs from the artifact's block beyond the tolerance
+    (`honest`: a proof against an honest block is false)."""
+    from kvnet import audit  # torch: only this part of the module needs it
+
+    proof = check_proof(raw)
+    m = proof.signed.manifest
+    _need(engine.model_id == m.model_id, "model",
+          f"the artifact's model is {m.model_id.hex()[:16]}..., this engine runs {engine.model_id.hex()[:16]}...")
+    _need(dict(engine.profile) == dict(m.profile), "profile",
+          f"the producer's compute profile {dict(m.profile)} is not this verifier's {dict(engine.profile)}: "
+          "the recomputation is bitwise reproducible only within one profile")
+    try:
+        redone, stored = audit.recompute_block(engine, m, proof.tokens, proof.block, read_piece)
+    except KvnetError as exc:
+        if isinstance(exc, ProofError):
+            raise
+        raise ProofError("pieces", f"cannot read blocks 0..{proof.block} of the artifact: {exc}") from exc
+    _need(audit.layer_hashes(redone) == proof.recomputed, "recompute",
+          f"block {proof.block} recomputed here hashes differently from the proof's hashes")
+    result = audit.audit_block_from(engine, m, proof.block, redone, stored, 0.0)
+    _need(not result.passed, "honest",
+          f"block {proof.block} is the KV of its tokens (verdict {result.verdict}, rel {result.rel:.3g} <= "
+          f"{result.tolerance:.3g}): the proof accuses an honest block")
+    return VerifiedProof(proof, result.max_abs, result.rel, result.tolerance, result.first_layer)
+
+
+def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
+    """Verify a proof received from anyone against the pieces `store` holds, then stop using and
+    serving the manifest it accuses: it is removed from the store (pinned or not; a node announces
+    only what its store holds). A proof that fails any rule changes nothing (ProofError): a false
+    accusation costs the publisher nothing."""
+    proof = check_proof(raw)
+    mid = proof.manifest_id
+
+    def read(i: int) -> bytes | bytearray:
+        try:
+            return store.read_piece(mid, i, verify=False)
+        except KvnetError as exc:
+            raise ProofError("pieces", f"the store lacks piece {i} of {mid.hex()[:16]}: {exc}") from exc
+
+    verified = verify_proof(raw, engine, read)
+    store.delete(mid, force=True)
+    return verified
+
+
+def pieces_reader(signed: SignedManifest, source: Path) -> tuple[ReadPiece, Callable[[], None]]:
+    """A piece reader for `verify_proof` and a close function. `source` is a kvnet home (holding
+    store/), a store directory (holding index.sqlite), or a directory of piece files each named by the
+    lower-case hex BLAKE3 of its bytes."""
+    from kvnet.store import NotFoundError, Store
+
+    root = source / "store" if (source / "store" / "index.sqlite").is_file() else source
+    if (root / "index.sqlite").is_file():
+        store = Store(root, read_only=True)
+
+        def from_store(i: int) -> bytearray:
+            try:
+                return store.read_piece(signed.id, i, verify=False)
+            except NotFoundError as exc:
+                raise ProofError("pieces", f"{root} lacks piece {i} of {signed.id.hex()[:16]}: {exc}") from exc
+
+        return from_store, store.close
+
+    def from_dir(i: int) -> bytes:
+        path = source / signed.manifest.pieces[i].hex()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ProofError("pieces", f"cannot read piece {i} ({path}): {exc.strerror or exc}") from exc
+
+    return from_dir, lambda: None
