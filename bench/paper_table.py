@@ -106,6 +106,7 @@ class Answer:
     """A greedy answer and the time to its first token (the rest is generated untimed, for exactness)."""
 
     seconds: float
+    load_s: float  # of which loading the KV (zero for a full prefill)
     tokens: list[int]
     first_logits: torch.Tensor
 
@@ -116,12 +117,14 @@ def answer(engine: DeviceEngine, kv_fn: Callable[[], KV | None], suffix: list[in
     engine.sync()
     t0 = time.perf_counter()
     kv = kv_fn()
+    engine.sync()
+    load_s = time.perf_counter() - t0
     first: Generation = engine.generate_from(kv, suffix, 1, return_logits=True)  # int(argmax) syncs
     seconds = time.perf_counter() - t0 + extra_s
     tokens = list(first.tokens)
     if n_tokens > 1:
         tokens += engine.generate_from(first.kv, tokens[-1:], n_tokens - 1).tokens
-    return Answer(seconds, tokens, first.logits[0].cpu())
+    return Answer(seconds, load_s, tokens, first.logits[0].cpu())
 
 
 @dataclass
@@ -265,7 +268,7 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
                    step: Callable[[str], None]) -> dict[str, Any]:
     """All runs at one length, and the row the table shows."""
     pub = bench.published[n]
-    full_s, local_s, peer_s, join_s, find_s, fetch_s = [], [], [], [], [], []
+    full_s, local_s, peer_s, join_s, find_s, fetch_s, load_s, peer_load_s = [], [], [], [], [], [], [], []
     exact_local, exact_peer, diff_local, diff_peer, paths, found_by = [], [], [], [], set(), set()
     for run in range(runs):
         step(f"{n} tokens, run {run + 1}: prefill")
@@ -277,6 +280,8 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
         full_s.append(full.seconds)
         local_s.append(local.seconds)
         peer_s.append(peer.seconds)
+        load_s.append(local.load_s)
+        peer_load_s.append(peer.load_s)
         join_s.append(got.join_s)
         find_s.append(got.find_s)
         fetch_s.append(got.fetch_s)
@@ -295,6 +300,7 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
         "kv_bytes": pub["bytes"], "kv_bytes_per_token": pub["bytes_per_token"], "pieces": pub["pieces"],
         "publish_prefill_s": pub["publish_prefill_s"], "publish_total_s": pub["publish_total_s"],
         "prefill_s": _stats(full_s), "local_reuse_s": _stats(local_s), "peer_reuse_s": _stats(peer_s),
+        "local_load_s": _stats(load_s), "peer_load_s": _stats(peer_load_s),
         "peer_join_s": _stats(join_s), "peer_find_s": _stats(find_s), "peer_fetch_s": _stats(fetch_s),
         "peer_paths": sorted(paths), "peer_discovery": sorted(found_by),
         "fetch_MBps": pub["bytes"] / 1e6 / statistics.median(fetch_s),
@@ -366,7 +372,8 @@ def _exact(r: dict[str, Any], path: str) -> str:
     return f"{'yes' if r[f'exact_{path}'] else 'NO'} ({r[f'exact_{path}_runs']}/{r['runs']})"
 
 
-COLUMNS = ("tokens", "KV MB", "KB/token", "prefill s (min/med/max)", "local reuse s", "peer reuse s",
+COLUMNS = ("tokens", "KV MB", "KB/token", "prefill s (min/med/max)", "local reuse s", "of which load s (floor)",
+           "peer reuse s",
            "prefill/local", "prefill/peer", "FLOPs ratio", "exact local", "exact peer", "fetch MB/s",
            "break-even link MB/s", "peer found by")
 
@@ -374,7 +381,8 @@ COLUMNS = ("tokens", "KV MB", "KB/token", "prefill s (min/med/max)", "local reus
 def row_cells(r: dict[str, Any]) -> list[str]:
     link = r["breakeven_link_MBps"]
     return [str(r["tokens"]), f"{r['kv_bytes'] / 1e6:.1f}", f"{r['kv_bytes_per_token'] / 1e3:.1f}",
-            _mmm(r["prefill_s"]), _mmm(r["local_reuse_s"]), _mmm(r["peer_reuse_s"]),
+            _mmm(r["prefill_s"]), _mmm(r["local_reuse_s"]),
+            f"{r['local_load_s']['median']:.3f} ({r['load_floor_s']:.3f})", _mmm(r["peer_reuse_s"]),
             f"{r['ratio_local']:.1f}x", f"{r['ratio_peer']:.2f}x", f"{r['flops_ratio']:.1f}x",
             _exact(r, "local"), _exact(r, "peer"), f"{r['fetch_MBps']:.0f}",
             f"{link:.0f}" if link is not None else "never",
@@ -504,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens compared for exactness")
+    ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens compared for exactness")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--png", type=Path)
