@@ -270,6 +270,7 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
     pub = bench.published[n]
     full_s, local_s, peer_s, join_s, find_s, fetch_s, load_s, peer_load_s = [], [], [], [], [], [], [], []
     exact_local, exact_peer, diff_local, diff_peer, paths, found_by = [], [], [], [], set(), set()
+    finite: list[bool] = []  # fp16 with random weights can overflow: NaN logits would make "exact" vacuous
     for run in range(runs):
         step(f"{n} tokens, run {run + 1}: prefill")
         full = bench.full(n)
@@ -291,6 +292,7 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
         exact_peer.append(peer.tokens == full.tokens)
         diff_local.append(_max_diff(local.first_logits, full.first_logits))
         diff_peer.append(_max_diff(peer.first_logits, full.first_logits))
+        finite.append(all(bool(torch.isfinite(a.first_logits).all()) for a in (full, local, peer)))
     q = len(bench.suffix)
     fl_pre, fl_re = prefill_flops(config, n, q), reuse_flops(config, n, q)
     med_full, med_local, med_peer = (statistics.median(x) for x in (full_s, local_s, peer_s))
@@ -311,6 +313,7 @@ def measure_length(bench: Bench, n: int, runs: int, config: dict[str, Any], memc
         "exact_local": all(exact_local), "exact_peer": all(exact_peer),
         "exact_local_runs": sum(exact_local), "exact_peer_runs": sum(exact_peer), "runs": runs,
         "first_logit_max_diff_local": max(diff_local), "first_logit_max_diff_peer": max(diff_peer),
+        "logits_finite": all(finite),
         # physical floors: a local load cannot beat one memory copy of the KV; a fetch is worth it over a
         # link of B bytes/s while kv_bytes / B < the time reuse saves (prefill - local reuse)
         "load_floor_s": pub["bytes"] / (memcpy_gbps * 1e9),
@@ -330,6 +333,21 @@ def memcpy_gbps(mb: int = 256) -> float:
     for _ in range(3):
         t0 = time.perf_counter()
         dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return (mb << 20) / best / 1e9
+
+
+def h2d_gbps(device: torch.device, mb: int = 256) -> float | None:
+    """Host-to-device copy bandwidth from pageable memory (as loaded KV is), best of 3; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    src = torch.ones(mb << 20, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        src.to(device)
+        torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return (mb << 20) / best / 1e9
 
@@ -358,6 +376,7 @@ def machine(engine: DeviceEngine) -> dict[str, Any]:
     if engine.device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(engine.device)
         out["cuda"] = torch.version.cuda
+        out["h2d_GBps"] = h2d_gbps(engine.device)
     return out
 
 
@@ -369,7 +388,10 @@ def _mmm(s: dict[str, Any]) -> str:
 
 
 def _exact(r: dict[str, Any], path: str) -> str:
-    return f"{'yes' if r[f'exact_{path}'] else 'NO'} ({r[f'exact_{path}_runs']}/{r['runs']})"
+    word = "yes" if r[f"exact_{path}"] else "NO"
+    if not r.get("logits_finite", True):
+        word += ", logits not finite (overflow): vacuous"
+    return f"{word} ({r[f'exact_{path}_runs']}/{r['runs']})"
 
 
 COLUMNS = ("tokens", "KV MB", "KB/token", "prefill s (min/med/max)", "local reuse s", "of which load s (floor)",

@@ -106,6 +106,7 @@ def _check_table(report: dict, lengths: list[int], runs: int) -> None:
         assert r["kv_bytes"] == r["tokens"] * r["kv_bytes_per_token"]
         assert r["flops_prefill"] > r["flops_reuse"] > 0
         assert r["peer_paths"]  # the fetch went over a real transport
+        assert r["logits_finite"]
 
 
 def test_paper_table_on_tiny_writes_json_md_png_and_is_exact(tmp_path):
