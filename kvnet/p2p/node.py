@@ -34,7 +34,7 @@ from kvnet.manifest import ManifestError, SignedManifest, parse
 from kvnet.p2p import billing, bulk_wire, wire
 from kvnet.p2p import dht as kdht
 from kvnet.p2p.bulk_server import BulkServer
-from kvnet.p2p.fetcher import FetchError, FetchResult, Provider, fetch_pieces
+from kvnet.p2p.fetcher import BULK_BATCH, FetchError, FetchResult, Provider, fetch_pieces
 from kvnet.p2p.host import (
     DEFAULT_LISTEN,
     REFUSED_HINT,
@@ -560,13 +560,15 @@ class Node:
         return await self.host.new_stream(ID.from_base58(peer), [protocol])
 
     async def fetch(self, found: Found, n_tokens: int | None = None, *, on_piece=None, window: int = 4,
-                    batch: int = 8, bulk: str | None = bulk_wire.DEFAULT_MODE) -> FetchResult:
+                    batch: int = 8, bulk: str | None = bulk_wire.DEFAULT_MODE,
+                    bulk_batch: int = BULK_BATCH) -> FetchResult:
         """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store.
 
         `bulk` is the bulk mode asked of providers ("tls", or "tcp" for public artifacts), or None
-        for libp2p `pieces` streams only. Returns as soon as the pieces are durable. A node that
-        announces schedules the announcement of what it now holds in its background; a fetch-only
-        node (`announce=False`) announces nothing.
+        for libp2p `pieces` streams only; `bulk_batch` the most pieces one bulk grant asks for (a
+        paying fetch pays with each request, so smaller grants pay more often). Returns as soon as
+        the pieces are durable. A node that announces schedules the announcement of what it now
+        holds in its background; a fetch-only node (`announce=False`) announces nothing.
         """
         sm = found.signed
         needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
@@ -576,7 +578,8 @@ class Node:
         try:
             result = await fetch_pieces(sm, needed, pay.providers, self.runner, self._open, self.scores,
                                         background=self._background, window=window, batch=batch,
-                                        timeout=self.timeout, on_piece=on_piece, bulk=bulk, payments=pay)
+                                        timeout=self.timeout, on_piece=on_piece, bulk=bulk, bulk_batch=bulk_batch,
+                                        payments=pay)
         except FetchError:
             await pay.settle(self._open, self.timeout)  # pay for what did verify
             raise

@@ -208,7 +208,8 @@ async def test_request_rules_unknown_fields_and_deep_nesting_are_malformed(tmp_p
 async def test_a_client_treats_rate_limited_as_load_not_a_lie(tmp_path):
     """An honest client over an (artificially small) budget gets `rate_limited` partway: it keeps the
     verified pieces it got, drops that provider for this fetch at the small `refused` cost (-1, not
-    the -5 of a protocol violation), and the fetch reports what it could not get."""
+    the -5 of a protocol violation), and the fetch reports what it could not get. Over `pieces`
+    streams (8-piece requests): a bulk grant of more than the budget is refused whole."""
     from kvnet.p2p.fetcher import FetchError
     from kvnet.p2p.scores import PENALTY
 
@@ -216,7 +217,7 @@ async def test_a_client_treats_rate_limited_as_load_not_a_lie(tmp_path):
         v, client, sm = await _victim_and_client(n, tmp_path, ServeLimits(bytes_per_window=16 * PIECE))
         found = await client.find_manifest(sm.id)
         with pytest.raises(FetchError, match="could not be fetched"):
-            await client.fetch(found)
+            await client.fetch(found, bulk=None)
         got = len(sm.manifest.pieces) - len(client.store.missing_pieces(sm.id))
         assert 0 < got <= 16 + 1  # the budget (plus what refilled meanwhile)
         assert client.scores.get(v.peer_id.to_base58()) == PENALTY["refused"] == -1.0

@@ -154,7 +154,9 @@ async def main():
     async with trio.open_nursery() as n:
         await n.start(partial(node.run, announce=False))
         try:
-            r = await node.fetch(await node.find_manifest(mid), on_piece=on_piece)
+            # 8-piece grants: receipts ride on every grant request, so the payee holds some when the
+            # SIGKILL lands (one provider's default grants of up to 64 pieces would pay only at the end)
+            r = await node.fetch(await node.find_manifest(mid), on_piece=on_piece, bulk_batch=8)
             print("done", r.fetched, r.already_had, flush=True)
         except FetchError as exc:
             print("failed", exc, flush=True)
