@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kvnet.p2p.node import Node
@@ -14,6 +15,26 @@ def make_node(tmp: Path, name: str, bootstrap: list[str] | None = None, **kw) ->
     store = Store(tmp / name / "store")
     return Node(Ed25519PrivateKey.generate(), store, bootstrap=bootstrap or [],
                 scores_path=tmp / name / "scores.sqlite", **kw)
+
+
+def holding(tmp: Path, name: str, sm, pieces, **kw) -> Node:
+    """A node that already holds every piece of `sm`."""
+    node = make_node(tmp, name, **kw)
+    node.store.put_manifest(sm.raw)
+    node.store.put_pieces(sm.id, list(enumerate(pieces)))
+    return node
+
+
+async def start_nodes(nursery: trio.Nursery, first: Node, *others: Node) -> None:
+    """Start `first`, then the others with `first` as their bootstrap peer."""
+    await nursery.start(first.run)
+    for node in others:
+        node.bootstrap = [first.addrs[0]]
+        await nursery.start(node.run)
+
+
+def pid(node: Node) -> str:
+    return node.peer_id.to_base58()
 
 
 def rss_mb() -> float:

@@ -22,27 +22,16 @@ from kvnet.p2p.bulk_server import BulkServer
 from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD
 from kvnet.p2p.scores import PENALTY
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import make_node
+from tests.p2p.conftest import holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16  # 64 KiB pieces: many pieces from a few MiB
 
 
 def _holding(tmp_path, name: str, sm, pieces, **kw):
-    node = make_node(tmp_path, name, timeout=2.0, **kw)
-    node.store.put_manifest(sm.raw)
-    node.store.put_pieces(sm.id, list(enumerate(pieces)))
-    return node
+    return holding(tmp_path, name, sm, pieces, timeout=2.0, **kw)
 
 
-async def _start(nursery: trio.Nursery, first, *others) -> None:
-    await nursery.start(first.run)
-    for node in others:
-        node.bootstrap = [first.addrs[0]]
-        await nursery.start(node.run)
-
-
-def _pid(node) -> str:
-    return node.peer_id.to_base58()
+_start, _pid = start_nodes, pid
 
 
 def _own_listener(node, **limits) -> BulkServer:

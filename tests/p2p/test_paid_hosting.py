@@ -18,28 +18,17 @@ from kvnet.p2p.fetcher import FetchError
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms
 from kvnet.receipts import Line, hosting_cost, verify_batch
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import make_node
+from tests.p2p.conftest import holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16  # 64 KiB pieces: 64 pieces from 4 MiB
 FEE = 40  # micro-units per MiB
 
 
 def _holding(tmp_path, name: str, sm, pieces, fee: int = FEE, **kw):
-    node = make_node(tmp_path, name, timeout=3.0, terms=HostingTerms(fee_per_mib=fee), **kw)
-    node.store.put_manifest(sm.raw)
-    node.store.put_pieces(sm.id, list(enumerate(pieces)))
-    return node
+    return holding(tmp_path, name, sm, pieces, timeout=3.0, terms=HostingTerms(fee_per_mib=fee), **kw)
 
 
-async def _start(nursery: trio.Nursery, first, *others) -> None:
-    await nursery.start(first.run)
-    for node in others:
-        node.bootstrap = [first.addrs[0]]
-        await nursery.start(node.run)
-
-
-def _pid(node) -> str:
-    return node.peer_id.to_base58()
+_start, _pid = start_nodes, pid
 
 
 def _key(node) -> bytes:
