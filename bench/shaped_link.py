@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,17 +140,10 @@ def raw_tcp(mb: int) -> float:
     srv = socket.socket()
     srv.bind((IP_F, 0))
     srv.listen(1)
+    from bench.transfer import receive_all
+
     proc = subprocess.Popen(in_ns(NS_P[0], sys.executable, "-c", SENDER, IP_F, str(srv.getsockname()[1]), str(mb)))
-    conn, _ = srv.accept()
-    view = memoryview(bytearray(1 << 20))
-    total, t0 = 0, time.perf_counter()
-    while n := conn.recv_into(view):
-        total += n
-    dt = time.perf_counter() - t0
-    proc.wait()
-    conn.close()
-    srv.close()
-    return total / 1e6 / dt
+    return receive_all(srv, proc)
 
 
 def inner(args: argparse.Namespace) -> None:

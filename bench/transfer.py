@@ -70,9 +70,13 @@ def raw_tcp(mb: int) -> float:
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     proc = subprocess.Popen([sys.executable, "-c", SENDER, str(srv.getsockname()[1]), str(mb)])
+    return receive_all(srv, proc)
+
+
+def receive_all(srv: socket.socket, proc: subprocess.Popen) -> float:
+    """MB/s of the one stream `proc` sends to the listening `srv` (1 MiB reads); closes both sockets."""
     conn, _ = srv.accept()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
+    view = memoryview(bytearray(1 << 20))
     total, t0 = 0, time.perf_counter()
     while n := conn.recv_into(view):
         total += n
