@@ -75,22 +75,22 @@ async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
     assert PeerScores(tmp_path / "C" / "scores.sqlite").get(p1_id) < 0
 
 
-def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int) -> int:
-    """Run a fetching process, SIGKILL it once it reported 10 stored pieces; check that what it left
-    in the store verifies and is partial; return how many pieces it left."""
+def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int, after: int = 10) -> int:
+    """Run a fetching process, SIGKILL it once it reported `after` stored pieces; check that what it
+    left in the store verifies and is partial; return how many pieces it left."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     seen = 0
     for line in proc.stdout:
         if line.startswith("piece"):
             seen += 1
-            if seen == 10:
+            if seen == after:
                 proc.kill()
                 break
     assert proc.wait(10) == -signal.SIGKILL
     with Store(home / "store") as store:
         assert store.check() == []
         had = len(store.present_pieces(mid))
-    assert 10 <= had < n_pieces
+    assert after <= had < n_pieces
     return had
 
 
@@ -152,7 +152,9 @@ def test_bulk_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers,
     home = tmp_path / "F"
     identity.generate(home / "identity.key")
     args = [sys.executable, "-c", FETCHER, str(home), addr2, sm.id.hex(), mode]
-    had = _kill_after_10_pieces(args, home, sm.id, len(pieces))
+    # at the first stored piece: the group writer's threads store whole grants while on_piece runs, so
+    # by the 10th report a bulk fetch of 48 pieces may already be complete
+    had = _kill_after_10_pieces(args, home, sm.id, len(pieces), after=1)
 
     done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr
