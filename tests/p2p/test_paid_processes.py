@@ -23,6 +23,7 @@ from tests.artifacts import fake_artifact, provider_home
 ROOT = Path(__file__).parents[2]
 FEE = 40
 MB = 48
+TAKEN = 24  # pieces a fetcher takes before it is paused, in the SIGKILL tests
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -132,7 +133,7 @@ def test_two_processes_agree_and_the_export_verifies_in_a_fresh_process(tmp_path
 
 
 FETCHER = r"""
-import sys, time
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -140,13 +141,15 @@ import trio
 
 from kvnet.p2p import commands
 from kvnet.p2p.fetcher import FetchError
+from tests.p2p.paused_fetch import pause_offers_after
 
 home, boot, mid = Path(sys.argv[1]), sys.argv[2], bytes.fromhex(sys.argv[3])
+if len(sys.argv) > 4:  # hold every piece after the first N until the gate file appears
+    pause_offers_after(int(sys.argv[4]), Path(sys.argv[5]))
 
 
 def on_piece(done, total):
     print("piece", done, total, flush=True)
-    time.sleep(0.03)  # a slow disk, so that the SIGKILL lands mid-fetch
 
 
 async def main():
@@ -166,11 +169,11 @@ trio.run(main)
 """
 
 
-def _fetcher(tmp_path: Path, home: Path, addr: str, mid: bytes) -> subprocess.Popen:
+def _fetcher(tmp_path: Path, home: Path, addr: str, mid: bytes, *pause: str) -> subprocess.Popen:
     script = tmp_path / "fetcher.py"
     script.write_text(FETCHER)
-    return subprocess.Popen([sys.executable, str(script), str(home), addr, mid.hex()], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    return subprocess.Popen([sys.executable, str(script), str(home), addr, mid.hex(), *pause],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
 def _after_pieces(proc: subprocess.Popen, n: int) -> None:
@@ -197,18 +200,24 @@ def test_a_process_killed_mid_paid_transfer_resumes_and_both_ledgers_agree(tmp_p
     identity.generate(payer / "identity.key")
     proc, addr = _serve(host)
     try:
-        f = _fetcher(tmp_path, payer, addr, sm.id)
-        _after_pieces(f, 30)  # by then receipts have reached the payee (they ride on the third grant request)
+        # The fetcher takes TAKEN pieces and holds the rest at the door until the gate opens (see
+        # tests/p2p/paused_fetch.py). By then receipts have reached the payee: they ride on the third
+        # and later grant requests, and three 8-piece grants were answered. The payee has sent at most
+        # the two grants outstanding beyond them, 40 < 48 pieces, so a dead payee leaves the fetch short.
+        gate = tmp_path / "gate"
+        f = _fetcher(tmp_path, payer, addr, sm.id, str(TAKEN), str(gate))
+        _after_pieces(f, TAKEN)
         victim = f if who == "payer" else proc
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         if who == "payee":
+            gate.touch()  # what the payee sent before it died still arrives; the rest never will
             assert "failed" in _finish(f)  # its only provider died: the fetch fails, what verified is kept
             proc, addr = _serve(host)  # the host restarts on the same home (ledger, store)
         with Store(payer / "store") as store:
             assert store.check() == []
             had = len(store.present_pieces(sm.id))
-        assert 30 <= had < len(pieces)
+        assert had == TAKEN if who == "payer" else TAKEN <= had <= TAKEN + 16 < len(pieces)
         paid_before = _channels(host, "in")
         out = _finish(_fetcher(tmp_path, payer, addr, sm.id))
         assert f"done {len(pieces) - had} {had}" in out  # it resumed: only the rest was fetched

@@ -75,9 +75,11 @@ async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
     assert PeerScores(tmp_path / "C" / "scores.sqlite").get(p1_id) < 0
 
 
-def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int, after: int = 10) -> int:
+def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int, after: int = 10,
+                          exact: bool = False) -> int:
     """Run a fetching process, SIGKILL it once it reported `after` stored pieces; check that what it
-    left in the store verifies and is partial; return how many pieces it left."""
+    left in the store verifies and is partial (exactly `after` pieces if the process holds every later
+    piece, see tests/p2p/paused_fetch.py); return how many pieces it left."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     seen = 0
     for line in proc.stdout:
@@ -86,11 +88,11 @@ def _kill_after_10_pieces(args: list[str], home, mid: bytes, n_pieces: int, afte
             if seen == after:
                 proc.kill()
                 break
-    assert proc.wait(10) == -signal.SIGKILL
+    assert proc.wait(10) == -signal.SIGKILL, proc.stderr.read()
     with Store(home / "store") as store:
         assert store.check() == []
         had = len(store.present_pieces(mid))
-    assert after <= had < n_pieces
+    assert had == after if exact else after <= had < n_pieces
     return had
 
 
@@ -112,7 +114,7 @@ def test_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers):
 
 
 FETCHER = r"""
-import sys, time
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -121,13 +123,15 @@ import trio
 from kvnet import identity
 from kvnet.p2p.node import Node
 from kvnet.store import Store
+from tests.p2p.paused_fetch import pause_offers_after
 
 home, boot, mid, mode = Path(sys.argv[1]), sys.argv[2], bytes.fromhex(sys.argv[3]), sys.argv[4]
+if len(sys.argv) > 5:  # hold every piece after the first N until the gate file appears (never, here)
+    pause_offers_after(int(sys.argv[5]), Path(sys.argv[6]))
 
 
 def on_piece(done, total):
     print("piece", done, total, flush=True)
-    time.sleep(0.02)  # a slow disk, so that the SIGKILL lands mid-fetch
 
 
 async def main():
@@ -152,9 +156,8 @@ def test_bulk_fetcher_killed_mid_transfer_resumes(tmp_path, artifact, providers,
     home = tmp_path / "F"
     identity.generate(home / "identity.key")
     args = [sys.executable, "-c", FETCHER, str(home), addr2, sm.id.hex(), mode]
-    # at the first stored piece: the group writer's threads store whole grants while on_piece runs, so
-    # by the 10th report a bulk fetch of 48 pieces may already be complete
-    had = _kill_after_10_pieces(args, home, sm.id, len(pieces), after=1)
+    # the process takes 10 pieces and holds the rest at the door: the kill lands mid-transfer every time
+    had = _kill_after_10_pieces([*args, "10", str(tmp_path / "never")], home, sm.id, len(pieces), exact=True)
 
     done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr
