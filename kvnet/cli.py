@@ -685,17 +685,18 @@ def ledger(ctx: typer.Context, home: Home = DEFAULT_HOME, as_json: JsonOpt = Fal
     ctx.obj = {"home": home}  # `kvnet ledger --home H export OUT` means H, as `export --home H` does
     if ctx.invoked_subcommand is not None:
         return
+    from kvnet.ledger import EMPTY_REPORT
+
     led = _open_ledger(home)
     if led is None:
-        balances: dict[str, list[dict[str, Any]]] = {"peers": [], "publishers": [], "manifests": []}
-        debtors: list[dict[str, Any]] = []
+        report: dict[str, Any] = dict(EMPTY_REPORT)
     else:
         with led:
-            balances, debtors = led.balances(), led.debtors()
+            report = led.report()  # the same code answers a kvnet-node's GET /v1/ledger
     if as_json:
-        _emit_json({**balances, "debtors": _hexify(debtors)})
+        _emit_json(report)
         return
-    _print_balances(balances)
+    _print_balances(report)
 
 
 @ledger_app.command("export")

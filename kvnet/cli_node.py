@@ -111,7 +111,8 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")],
     u, k = r["usage"], r["kvnet"]
     err.print(f"prompt_tokens {u['prompt_tokens']}  cached_tokens {u['prompt_tokens_details']['cached_tokens']}  "
               f"source {k['source'] or '-'}  fetched {k['bytes_fetched']:,} bytes  "
-              f"est. prefill saved {k['prefill_s_saved_estimate']:.3f} s", highlight=False)
+              f"paid {k['price_paid']:,} {k['currency']}  est. prefill saved {k['prefill_s_saved_estimate']:.3f} s",
+              highlight=False)
 
 
 def fetch(socket: SocketOpt = DEFAULT_SOCKET,
@@ -129,7 +130,33 @@ def fetch(socket: SocketOpt = DEFAULT_SOCKET,
         _json(r)
         return
     out.print(f"fetched {r['fetched']} pieces ({r['bytes']:,} bytes) of {r['manifest_id']} in {r['seconds']:.2f} s; "
-              f"already had {r['already_had']}", highlight=False)
+              f"already had {r['already_had']}; paid {r['price_paid']:,} micro-units", highlight=False)
+
+
+def ledger(socket: SocketOpt = DEFAULT_SOCKET, as_json: JsonOpt = False) -> None:
+    """The node's ledger: what it paid and earned, per peer, publisher, manifest and channel."""
+    with _client(socket) as c:
+        r = c.ledger()
+    if as_json:
+        _json(r)
+        return
+    out.print(f"ledger of {(r['me'] or '-')[:16]}; amounts in micro-units", highlight=False)
+    peers = Table("peer", "role", "currency", "channels", "receipts", "amount", "debtor", title="per peer")
+    for p in r["peers"]:
+        peers.add_row(p["peer"][:16], p["role"], p["currency"], str(p["channels"]), str(p["receipts"]),
+                      f"{p['amount']:,}", "yes" if p["debtor"] else "")
+    chans = Table("channel", "role", "payer", "payee", "currency", "seq", "cumulative",
+                  title="latest receipt per channel")
+    for ch in r["channels"]:
+        chans.add_row(ch["channel"][:16], ch["role"], ch["payer"][:16], ch["payee"][:16], ch["currency"],
+                      str(ch["seq"]), f"{ch['cumulative']:,}")
+    mans = Table("manifest", "role", "kind", "bytes / loads", "amount", title="per manifest")
+    for m in r["manifests"]:
+        mans.add_row(m["manifest"][:16], m["role"], m["kind"], f"{m['units']:,}", f"{m['amount']:,}")
+    for t in (peers, chans, mans):
+        out.print(t)
+    for d in r["debtors"]:
+        out.print(f"debtor {d['peer'][:16]}: owes {d['owed']:,} {d['currency']} ({d['reason']})", highlight=False)
 
 
 def register(app: typer.Typer, group_cls: type, log_level_option: Any) -> None:
@@ -141,6 +168,6 @@ def register(app: typer.Typer, group_cls: type, log_level_option: Any) -> None:
 
     _node.__annotations__ = {"log_level": log_level_option, "return": None}  # the app's own option object
     node_app.callback()(_node)
-    for fn in (status, peers, ls, publish, ask, fetch):
+    for fn in (status, peers, ls, publish, ask, fetch, ledger):
         node_app.command(fn.__name__)(fn)
     app.add_typer(node_app, name="node")

@@ -78,6 +78,10 @@ class Client:
     def kv(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/kv")["artifacts"]
 
+    def ledger(self) -> dict[str, Any]:
+        """Balances per peer, publisher and manifest, the latest receipt per channel, debtors."""
+        return self.request("GET", "/v1/ledger")
+
     def models(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/models")["data"]
 

@@ -30,6 +30,8 @@ from kvnet.receipts import Channel, Line, Receipt, ReceiptError, SignedReceipt
 from kvnet.store_index import immediate
 
 DAY = 86_400
+# `Ledger.report()` of a node that has no ledger file yet (it has paid and been paid nothing)
+EMPTY_REPORT: dict[str, list] = {"peers": [], "publishers": [], "manifests": [], "channels": [], "debtors": []}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -335,6 +337,47 @@ class Ledger:
             "manifests": [{"manifest": m.hex(), "role": role, "kind": kind, "currency": cur, "units": units,
                            "amount": amt, "lines": n} for m, role, kind, cur, units, amt, n in usage],
         }
+
+    def channels(self) -> list[dict[str, Any]]:
+        """Every channel with its latest receipt (seq 0: none yet): what a payer and its payee compare,
+        channel by channel, to see that both ledgers agree (the channel id is the same in both)."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT c.id, c.role, c.payer, c.payee, c.currency, c.last_seq, c.cumulative, r.time, r.id "
+                "FROM channels c LEFT JOIN receipts r ON r.id = c.last_receipt ORDER BY c.role, c.id").fetchall()
+        return [{"channel": cid.hex(), "role": role, "payer": payer.hex(), "payee": payee.hex(), "currency": cur,
+                 "seq": seq, "cumulative": cum, "time": t, "receipt": rid.hex() if rid else None}
+                for cid, role, payer, payee, cur, seq, cum, t, rid in rows]
+
+    def report(self) -> dict[str, Any]:
+        """The whole picture as plain JSON values (hex for bytes): `balances()` (peers, publishers,
+        manifests), `channels()` and debtors. The one source of `kvnet ledger --json` and of a
+        kvnet-node's `GET /v1/ledger` (docs/agent-api.md)."""
+        debtors = [{**d, "peer": d["peer"].hex()} for d in self.debtors()]
+        return {**self.balances(), "channels": self.channels(), "debtors": debtors}
+
+    def mark(self) -> int:
+        """A position in the ledger: receipts recorded after this call have a larger rowid (`signed_since`)."""
+        with self._lock:
+            return int(self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM receipts").fetchone()[0])
+
+    def signed_since(self, mark: int, manifest: bytes) -> dict[str, int]:
+        """Per currency, what we signed for `manifest` (hosting and license lines of our own receipts)
+        after `mark`: the price actually paid for one fetch of it."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT c.currency, SUM(l.amount) FROM lines l JOIN receipts r ON r.id = l.receipt "
+                "JOIN channels c ON c.id = r.channel WHERE c.role='out' AND r.rowid > ? AND l.manifest = ? "
+                "GROUP BY c.currency", (mark, manifest)).fetchall()
+        return {cur: int(amount) for cur, amount in rows}
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Receipts and their added amounts per role and currency (`out`: signed by us, `in`: accepted
+        as payee, `held`: accepted for a publisher): what the node's metrics count."""
+        with self._lock:
+            rows = self.db.execute("SELECT c.role, c.currency, COUNT(*), COALESCE(SUM(r.added), 0) FROM receipts r "
+                                   "JOIN channels c ON c.id = r.channel GROUP BY c.role, c.currency").fetchall()
+        return [{"role": role, "currency": cur, "receipts": n, "amount": int(amt)} for role, cur, n, amt in rows]
 
     def export(self, since: int | None = None, role: str = "in") -> bytes:
         """A settlement batch (docs/payments.md) of the channels we are paid on (`in`) or hold (`held`):

@@ -65,7 +65,7 @@ def test_ledger_shows_balances_as_tables_and_json(paid_home):
 
 def test_an_empty_home_has_an_empty_ledger(tmp_path):
     doc = json.loads(kvnet(tmp_path, "ledger", "--json").stdout)
-    assert doc == {"peers": [], "publishers": [], "manifests": [], "debtors": []}
+    assert doc == {"peers": [], "publishers": [], "manifests": [], "channels": [], "debtors": []}
     res = kvnet(tmp_path, "ledger", "export", str(tmp_path / "b.bin"), check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: no ledger")
 

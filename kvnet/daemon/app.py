@@ -25,6 +25,7 @@ from kvnet.daemon.chat import chat_tokens, document_prefix, message_text
 from kvnet.daemon.scheduler import QueueFull
 from kvnet.daemon.service import Run, Service
 from kvnet.errors import InputError, KvnetError
+from kvnet.ledger import SpendingLimitError
 from kvnet.manifest import Terms
 
 log = logging.getLogger("kvnet.daemon.app")
@@ -63,6 +64,8 @@ def build_app(svc: Service) -> Starlette:
                 resp = error_response(exc)
             except InputError as exc:
                 resp = error_response(oa.bad(str(exc)))
+            except SpendingLimitError as exc:  # refused before any byte moved (docs/agent-api.md, "Payments")
+                resp = error_response(oa.ApiError(402, str(exc), "payment_required", code="spending_limit"))
             except QueueFull as exc:
                 resp = error_response(oa.ApiError(503, str(exc), "server_error", code="queue_full"))
             except KvnetError as exc:  # ValueError kinds (manifest, engine) are the request's fault
@@ -254,6 +257,12 @@ def build_app(svc: Service) -> Starlette:
     async def kv(request: Request) -> dict[str, Any]:
         return {"artifacts": await svc.entries()}
 
+    async def ledger(request: Request) -> dict[str, Any]:
+        """The node's ledger, as `kvnet ledger --json` prints it (kvnet.ledger.Ledger.report)."""
+        report = await trio.to_thread.run_sync(svc.node.ledger.report)
+        return {"me": svc.node.ledger.me.hex() if svc.node.ledger.me else None,
+                "currency": svc.cfg.prices.currency, **report}
+
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
         msg = "no such endpoint" if code == 404 else "method not allowed" if code == 405 else "bad request"
@@ -269,6 +278,7 @@ def build_app(svc: Service) -> Starlette:
         Route("/v1/kv", endpoint("kv", kv), methods=["GET"]),
         Route("/v1/status", endpoint("status", status), methods=["GET"]),
         Route("/v1/peers", endpoint("peers", peers), methods=["GET"]),
+        Route("/v1/ledger", endpoint("ledger", ledger), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvnet.errors import KvnetError
+from kvnet.ledger import SpendingLimits
 
 DTYPES = ("bf16", "fp32", "fp16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,14 +37,37 @@ class ModelConfig:
     dtype: str = "bf16"
 
 
+NO_LIMIT = -1  # a spending limit of -1 means none (TOML has no null)
+DEFAULT_MAX_PER_DAY = 1_000_000  # 1.00 of the currency per day: a default budget, not an open purse
+
+
 @dataclass(frozen=True)
 class PricesConfig:
-    """What this node charges (hosting) and may spend (fetching). Payments read these once wired."""
+    """What this node charges for hosting and the most it pays when it fetches (docs/payments.md).
+    Amounts are integer micro-units of `currency`; a limit of -1 is no limit."""
 
     currency: str = "USD"
-    host_fee_per_mib: int = 0  # micro-units per MiB served
-    max_price_per_load: int = 0  # the most this node pays for one fetched artifact (0: free ones only)
-    max_spend_per_day: int = 0  # spending limit across all fetches (0: nothing)
+    host_fee_per_mib: int = 0  # hosting fee per MiB served (0: serve for free)
+    credit_window: int = 0  # what a payer may owe before it must pay (0: the cost of 64 MiB at the fee)
+    max_per_load: int = NO_LIMIT  # highest license price per load to pay
+    max_per_mib: int = NO_LIMIT  # highest hosting fee per MiB to pay
+    max_per_peer_per_day: int = NO_LIMIT  # most paid to one peer in 24 h
+    max_per_day: int = DEFAULT_MAX_PER_DAY  # most paid in total in 24 h
+
+    def spending_limits(self) -> SpendingLimits:
+        """The p2p layer's limits (None where this config says -1)."""
+        def lim(v: int) -> int | None:
+            return None if v == NO_LIMIT else v
+        return SpendingLimits(self.currency, lim(self.max_per_load), lim(self.max_per_mib),
+                              lim(self.max_per_peer_per_day), lim(self.max_per_day))
+
+    @property
+    def window(self) -> int | None:
+        """The credit window for kvnet.p2p.node.Node (None: its default, the cost of 64 MiB)."""
+        return self.credit_window or None
+
+
+LIMITS = ("max_per_load", "max_per_mib", "max_per_peer_per_day", "max_per_day")
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,10 @@ class NodeConfig:
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "store"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite"
 
 
 # -- the checks --------------------------------------------------------------------------------------
@@ -198,12 +226,13 @@ def _model(raw: Any) -> ModelConfig:
 
 def _prices(raw: Any) -> PricesConfig:
     d = PricesConfig()
-    t = _table("prices", raw, {"currency", "host_fee_per_mib", "max_price_per_load", "max_spend_per_day"})
+    t = _table("prices", raw, set(PricesConfig.__dataclass_fields__))
     cur = _want("prices.currency", t.get("currency", d.currency), str, "a string")
     if not 0 < len(cur) <= 16:
         raise ConfigError(f"prices.currency: must be 1 to 16 characters, got {cur!r}")
-    return PricesConfig(cur, *(_int(f"prices.{k}", t.get(k, getattr(d, k)))
-                               for k in ("host_fee_per_mib", "max_price_per_load", "max_spend_per_day")))
+    fees = {k: _int(f"prices.{k}", t.get(k, getattr(d, k))) for k in ("host_fee_per_mib", "credit_window")}
+    limits = {k: _int(f"prices.{k}", t.get(k, getattr(d, k)), NO_LIMIT) for k in LIMITS}
+    return PricesConfig(cur, **fees, **limits)
 
 
 def _agent(raw: Any, data_dir: Path) -> AgentConfig:

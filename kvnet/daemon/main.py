@@ -2,10 +2,13 @@
 
 Start order, so a mistake costs no wait and nothing half-starts: config -> data-dir lock -> identity
 (created at first start) -> the socket path is free -> the model (loaded once, warmed up) -> the store
--> the node joins the network -> the agent socket accepts -> one JSON `ready` line on stdout.
-SIGTERM / SIGINT: stop accepting agents, cancel generations and transfers, close (flush) the store,
-remove the socket file, release the lock. A restart on the same data dir keeps the store and the peer
-scores, and the node announces what it holds again as it starts.
+and the ledger (`<data_dir>/ledger.sqlite`, as `kvnet serve` keeps it) -> the node joins the network
+with the `[prices]` of node.toml (its hosting fee, credit window and spending limits) -> the agent
+socket accepts -> one JSON `ready` line on stdout.
+SIGTERM / SIGINT: stop accepting agents, cancel generations and transfers (a fetch cancelled midway
+has recorded every receipt it signed: each is committed before it is sent), close (flush) the store
+and the ledger, remove the socket file, release the lock. A restart on the same data dir keeps the
+store, the peer scores and the ledger, and the node announces what it holds again as it starts.
 """
 
 from __future__ import annotations
@@ -124,13 +127,14 @@ def _load_model(cfg: cfgmod.NodeConfig):
 
 
 def run(cfg: cfgmod.NodeConfig) -> None:
+    from kvnet.ledger import Ledger
     from kvnet.p2p import commands
     from kvnet.p2p.node import Node
     from kvnet.p2p.server import HostingTerms
     from kvnet.store import Store
 
     lock = DataDirLock(cfg.data_dir).acquire()
-    store = None
+    store = ledger = None
     sock = cfg.socket_path
     made_socket = False
     metrics = Metrics()
@@ -140,10 +144,14 @@ def run(cfg: cfgmod.NodeConfig) -> None:
         sock.parent.mkdir(parents=True, exist_ok=True)
         engine = _load_model(cfg)
         store = Store(cfg.store_dir, capacity_bytes=cfg.store_capacity_mb * 2**20 or None)
+        ledger = Ledger(cfg.ledger_path, key)  # LedgerError if it is another key's ledger
         logs.setup()  # libp2p was imported by now, which resets its logger
+        p = cfg.prices
         node = Node(key, store, listen=list(cfg.listen), bootstrap=list(cfg.bootstrap),
                     scores_path=cfg.data_dir / "peer-scores.sqlite",
-                    terms=HostingTerms(cfg.prices.host_fee_per_mib, cfg.prices.currency))
+                    terms=HostingTerms(p.host_fee_per_mib, p.currency), ledger=ledger,
+                    credit_window=p.window, spending=p.spending_limits())
+        metrics.watch_ledger(ledger)
         logs.setup()
         if cfg.log.format == "json":
             use_json()
@@ -155,6 +163,8 @@ def run(cfg: cfgmod.NodeConfig) -> None:
         metrics.stop()
         if store is not None:
             store.close()
+        if ledger is not None:
+            ledger.close()  # every receipt was committed (synchronous=FULL) when it was signed or accepted
         if made_socket:
             try:
                 if stat.S_ISSOCK(sock.lstat().st_mode):

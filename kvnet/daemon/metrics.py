@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
+# ledger role -> the `direction` label of kvnet_receipts_total
+DIRECTIONS = {"out": "signed", "in": "accepted", "held": "held"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -37,10 +40,12 @@ class Metrics:
         self.queue = Gauge("kvnet_generation_queue", "generations queued or running", registry=r)
         self.peers = Gauge("kvnet_peers", "connected libp2p peers", registry=r)
         self.store_bytes = Gauge("kvnet_store_bytes", "bytes of KV held in the store", registry=r)
-        self.receipts = Counter("kvnet_receipts", "payment receipts sent and received (0 until payments are "
-                                "wired)", ["direction"], registry=r)
         self.server: Any = None
         self.address: str | None = None
+
+    def watch_ledger(self, ledger: Any) -> None:
+        """Export the payment counters from `ledger` (kvnet.ledger.Ledger), read at each scrape."""
+        self.registry.register(LedgerCollector(ledger))
 
     def serve(self, address: str) -> str:
         """Start the HTTP exporter on `address` ("host:port"; port 0 picks one); returns the bound address."""
@@ -55,3 +60,33 @@ class Metrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+class LedgerCollector:
+    """Payment counters read from the node's ledger when Prometheus scrapes (the ledger is the truth,
+    so they count every receipt it holds and survive restarts; its connection is lock-protected for
+    calls from any thread). `kvnet_receipts_total{direction}`: receipts signed by this node (`signed`),
+    accepted as their payee (`accepted`), accepted and kept for a publisher (`held`);
+    `kvnet_paid_microunits_total{currency}` / `kvnet_earned_microunits_total{currency}`: what the
+    signed / accepted receipts added."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Any:
+        receipts = CounterMetricFamily("kvnet_receipts", "payment receipts in the ledger: signed by this node, "
+                                       "accepted as payee, held for a publisher", labels=["direction"])
+        paid = CounterMetricFamily("kvnet_paid_microunits", "micro-units this node signed receipts for",
+                                   labels=["currency"])
+        earned = CounterMetricFamily("kvnet_earned_microunits", "micro-units of receipts this node accepted "
+                                     "as payee", labels=["currency"])
+        counts = dict.fromkeys(DIRECTIONS.values(), 0)
+        for t in self.ledger.totals():
+            counts[DIRECTIONS[t["role"]]] += t["receipts"]
+            if t["role"] == "out":
+                paid.add_metric([t["currency"]], t["amount"])
+            elif t["role"] == "in":
+                earned.add_metric([t["currency"]], t["amount"])
+        for direction, n in counts.items():
+            receipts.add_metric([direction], n)
+        yield from (receipts, paid, earned)

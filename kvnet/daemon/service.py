@@ -25,10 +25,11 @@ from kvnet.daemon.chat import document_prefix
 from kvnet.daemon.config import NodeConfig
 from kvnet.daemon.metrics import Metrics
 from kvnet.daemon.openai_api import ApiError, GenParams, bad
-from kvnet.daemon.payments import NoPayments, PaymentHook
+from kvnet.daemon.payments import LedgerPayments, PaymentHook
 from kvnet.daemon.scheduler import Job, Scheduler
 from kvnet.engine import KV, Engine
 from kvnet.errors import KvnetError
+from kvnet.ledger import SpendingLimitError
 from kvnet.manifest import MAX_PIECE_SIZE, Terms
 from kvnet.p2p.fetcher import FetchResult
 from kvnet.p2p.node import Found, Node
@@ -102,7 +103,8 @@ class Service:
     def __init__(self, cfg: NodeConfig, engine: Engine, node: Node, key: Ed25519PrivateKey,
                  metrics: Metrics, payments: PaymentHook | None = None) -> None:
         self.cfg, self.engine, self.node, self.key, self.metrics = cfg, engine, node, key, metrics
-        self.payments: PaymentHook = payments or NoPayments()
+        self.payments: PaymentHook = payments or LedgerPayments(node)
+        self._fetching: dict[bytes, trio.Lock] = {}  # one fetch per manifest at a time: nothing paid twice
         self.store, self.runner = node.store, node.runner
         self.engine_limiter = trio.CapacityLimiter(1)
         self.scheduler = Scheduler(cfg.agent.queue_size, cfg.agent.chunk_tokens, self.engine_limiter,
@@ -138,8 +140,19 @@ class Service:
 
     async def fetch_found(self, found: Found, n_tokens: int) -> tuple[FetchResult, int]:
         """Fetch (verified, into the store) with progress in `fetches`; metrics and throughput noted.
-        Returns the result and the price paid (the payment hook's say)."""
-        self.payments.before_fetch(found, n_tokens, self.cfg.prices)
+        Returns the result and the price paid (the payment hook's say, from the ledger). Fetches of
+        one manifest run one at a time: a second agent waits and finds the pieces stored (no byte is
+        fetched or paid for twice), and the ledger's receipts since the hook's mark are this fetch's."""
+        lock = self._fetching.setdefault(found.signed.id, trio.Lock())
+        try:
+            async with lock:
+                return await self._fetch_found(found, n_tokens)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._fetching.pop(found.signed.id, None)
+
+    async def _fetch_found(self, found: Found, n_tokens: int) -> tuple[FetchResult, int]:
+        mark = await self.payments.before_fetch(found, n_tokens)  # SpendingLimitError: no byte moved
         mid = found.signed.id.hex()
         entry = {"manifest_id": mid, "n_tokens": n_tokens, "pieces_done": 0, "pieces_total": None,
                  "providers": [p.peer for p in found.providers], "started": time.time(), "error": None}
@@ -165,7 +178,7 @@ class Service:
         self.metrics.providers_dropped.inc(sum(1 for s in result.providers.values() if s.get("dropped")))
         if result.bytes > 1 << 20 and result.seconds > 0:
             self.fetch_bytes_per_s = 0.5 * self.fetch_bytes_per_s + 0.5 * result.bytes / result.seconds
-        paid = self.payments.after_fetch(found, result, self.cfg.prices)
+        paid = await self.payments.after_fetch(found, result, mark)
         entry["price_paid"] = paid
         return result, paid
 
@@ -189,6 +202,8 @@ class Service:
                 info.bytes_fetched = result.bytes
                 info.network_error = None
                 return
+            except SpendingLimitError:  # the operator's limit: the agent hears it (402), nothing was fetched
+                raise
             except Exception as exc:  # noqa: BLE001 - the network is an optimisation: answer from the store
                 info.network_error = str(exc) or type(exc).__name__
                 log.info("network prefix fetch failed (attempt %d of %d): %s", attempt + 1, FETCH_ATTEMPTS,
