@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from kvnet.daemon import openai_api as oa
 from kvnet.daemon.chat import chat_tokens, document_prefix, message_text
+from kvnet.daemon.config import LIMIT_FIELDS
 from kvnet.daemon.scheduler import QueueFull
 from kvnet.daemon.service import Run, Service
 from kvnet.errors import InputError, KvnetError
@@ -65,7 +66,9 @@ def build_app(svc: Service) -> Starlette:
             except InputError as exc:
                 resp = error_response(oa.bad(str(exc)))
             except SpendingLimitError as exc:  # refused before any byte moved (docs/agent-api.md, "Payments")
-                resp = error_response(oa.ApiError(402, str(exc), "payment_required", code="spending_limit"))
+                field = LIMIT_FIELDS.get(exc.limit, exc.limit)
+                resp = error_response(oa.ApiError(402, f"{exc} (node.toml [prices] {field}); nothing was fetched",
+                                                  "payment_required", code="spending_limit"))
             except QueueFull as exc:
                 resp = error_response(oa.ApiError(503, str(exc), "server_error", code="queue_full"))
             except KvnetError as exc:  # ValueError kinds (manifest, engine) are the request's fault

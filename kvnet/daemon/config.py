@@ -68,6 +68,9 @@ class PricesConfig:
 
 
 LIMITS = ("max_per_load", "max_per_mib", "max_per_peer_per_day", "max_per_day")
+# kvnet.ledger.SpendingLimitError.limit -> the node.toml field that sets it
+LIMIT_FIELDS = {"per_load": "max_per_load", "per_mib": "max_per_mib", "per_peer_per_day": "max_per_peer_per_day",
+                "total_per_day": "max_per_day", "currency": "currency"}
 
 
 @dataclass(frozen=True)
