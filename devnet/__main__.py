@@ -1,4 +1,4 @@
-"""`python -m devnet run --nodes N --scenario basic|load [--model tiny] [--dtype fp32] [--json]`.
+"""`python -m devnet run --nodes N --scenario basic|load [--model tiny] [--dtype fp32] [--fee-per-mib 10] [--json]`.
 
 Starts N real kvnet-node processes on loopback (devnet.cluster), runs the scenario against their
 agent sockets (devnet.scenarios), prints a report (a rich table, or one JSON object with --json), and
@@ -16,7 +16,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from devnet.cluster import Cluster
+from devnet.cluster import DEFAULT_FEE_PER_MIB, Cluster
 from devnet.scenarios import SCENARIOS
 
 console = Console(stderr=True)
@@ -25,12 +25,13 @@ console = Console(stderr=True)
 def _table(report: dict) -> None:
     out = Console(width=160)
     if report["scenario"] == "basic":
-        t = Table("agent", "cached", "source", "fetched MB", "providers", "paid", "TTFT reused s", "TTFT full s",
-                  "exact", title=f"basic: document of {report['document_tokens']} tokens "
+        t = Table("agent", "cached", "source", "fetched MB", "providers", "paid", "receipts", "TTFT reused s",
+                  "TTFT full s", "exact", title=f"basic: document of {report['document_tokens']} tokens "
                                  f"({report['kv_bytes'] / 1e6:.1f} MB of KV)")
         for r in report["agents"]:
             t.add_row(r["node"], str(r["cached_tokens"]), str(r["source"]), f"{r['bytes_fetched'] / 1e6:.2f}",
-                      str(len(r["providers"])), str(r["price_paid"]), f"{r['ttft_reused_s']:.3f}",
+                      str(len(r["providers"])), str(r["price_paid"]),
+                      "match" if r["receipts_match"] else "DIFFER", f"{r['ttft_reused_s']:.3f}",
                       f"{r['ttft_full_s']:.3f}", "yes" if r["exact"] else "NO")
         out.print(t)
     elif report["scenario"] == "byzantine":
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", default="tiny")
     run.add_argument("--dtype", default="fp32", help="fp32 (default: bitwise exactness) or bf16")
     run.add_argument("--doc-bytes", type=int, default=None, help="document size (default: 1200; byzantine 7000)")
+    run.add_argument("--fee-per-mib", type=int, default=DEFAULT_FEE_PER_MIB,
+                     help=f"every node's hosting fee, micro-units per MiB (default {DEFAULT_FEE_PER_MIB}; 0: free)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
     if args.scenario == "basic" and args.nodes < 2:
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM both tear the devnet down (also when started where SIGINT is ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    cluster = Cluster(args.nodes, args.model, args.dtype)
+    if args.fee_per_mib < 0:
+        ap.error("--fee-per-mib must be >= 0")
+    cluster = Cluster(args.nodes, args.model, args.dtype, fee_per_mib=args.fee_per_mib)
     report: dict
     try:
         with cluster:

@@ -26,6 +26,7 @@ from kvnet.errors import KvnetError
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+DEFAULT_FEE_PER_MIB = 10  # every devnet node charges for hosting, so every reuse is paid for with receipts
 
 
 class DevnetError(KvnetError):
@@ -55,10 +56,11 @@ class DevNode:
         return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://node", timeout=timeout)
 
 
-def _config(dir_: Path, model: str, dtype: str, bootstrap: list[str], agent: dict) -> Path:
+def _config(dir_: Path, model: str, dtype: str, bootstrap: list[str], agent: dict, fee_per_mib: int = 0) -> Path:
     lines = [f'data_dir = "{dir_ / "data"}"', 'listen = ["/ip4/127.0.0.1/tcp/0"]', 'metrics = "127.0.0.1:0"',
              f"bootstrap = {json.dumps(bootstrap)}", "[model]", f'ref = "{model}"', f'dtype = "{dtype}"',
-             "[log]", 'level = "info"', "[agent]", *(f"{k} = {json.dumps(v)}" for k, v in agent.items())]
+             "[log]", 'level = "info"', "[prices]", f"host_fee_per_mib = {fee_per_mib}",
+             "[agent]", *(f"{k} = {json.dumps(v)}" for k, v in agent.items())]
     path = dir_ / "node.toml"
     dir_.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -66,10 +68,12 @@ def _config(dir_: Path, model: str, dtype: str, bootstrap: list[str], agent: dic
 
 
 class Cluster:
-    def __init__(self, n: int, model: str = "tiny", dtype: str = "fp32", agent: dict | None = None) -> None:
+    def __init__(self, n: int, model: str = "tiny", dtype: str = "fp32", agent: dict | None = None,
+                 fee_per_mib: int = DEFAULT_FEE_PER_MIB) -> None:
         if n < 1:
             raise DevnetError("a devnet needs at least one node")
         self.n, self.model, self.dtype, self.agent = n, model, dtype, agent or {}
+        self.fee_per_mib = fee_per_mib  # every node's hosting fee (micro-units per MiB, node.toml [prices])
         self.tmp = Path(tempfile.mkdtemp(prefix="kvnet-devnet-"))
         self.nodes: list[DevNode] = []
         self.leftovers: list[str] = []
@@ -77,7 +81,7 @@ class Cluster:
 
     def _start(self, name: str, bootstrap: list[str]) -> DevNode:
         dir_ = self.tmp / name
-        cfg = _config(dir_, self.model, self.dtype, bootstrap, self.agent)
+        cfg = _config(dir_, self.model, self.dtype, bootstrap, self.agent, self.fee_per_mib)
         log = open(dir_ / "node.log", "ab")  # noqa: SIM115 - the child holds it
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen([sys.executable, "-m", "kvnet.daemon.main", "--config", str(cfg)],

@@ -3,8 +3,10 @@
 basic: node 0 publishes a document for chat; every other node's agent asks its own question over it.
        Each answer must reuse the document's KV from the network (cached tokens = the document's
        prefix, source "network") and be token-exact against that node's own full prefill of the same
-       prompt (`kvnet_reuse: false`). Reported per agent: cached tokens, bytes fetched, providers,
-       price paid, time to first token reused versus full prefill.
+       prompt (`kvnet_reuse: false`), and the receipts in the agent node's ledger and in each
+       provider's match (same channel, seq, cumulative; `GET /v1/ledger`) and add up to the answer's
+       price paid. Reported per agent: cached tokens, bytes fetched, providers, price paid, receipts
+       matched, time to first token reused versus full prefill.
 churn: SIGKILLed and restarted nodes (see `churn`).
 load:  node 0 publishes; `requests` concurrent agent requests (`concurrency` at a time) against node 0
        over the document, each with its own question: throughput, p50/p99 latency, errors (must be 0).
@@ -92,12 +94,38 @@ def basic(cluster: Cluster, doc_bytes: int = 1200) -> dict[str, Any]:
                "ttft_reused_s": round(reused["ttft_s"], 4), "ttft_full_s": round(full["ttft_s"], 4),
                "exact": exact}
         # providers: the publisher or any node that fetched it before (they announce what they hold)
+        row.update(_receipts_agree(cluster, node, k))
         row["ok"] = (exact and k["cached_tokens"] == pub["n_tokens"] and k["source"] == "network"
-                     and bool(k["providers"]))
+                     and bool(k["providers"]) and row["receipts_match"])
         ok &= row["ok"]
         rows.append(row)
     return {"scenario": "basic", "ok": ok and bool(rows), "document_tokens": pub["n_tokens"],
             "manifest_id": pub["manifest_id"], "kv_bytes": pub["total_bytes"], "agents": rows}
+
+
+def _receipts_agree(cluster: Cluster, node: DevNode, k: dict[str, Any]) -> dict[str, Any]:
+    """The fetcher's receipts against each provider's (`GET /v1/ledger`): every channel the agent's node
+    pays on to a provider of this answer has the same latest seq and cumulative amount in the provider's
+    ledger, and (one fetch per agent node in `basic`) those cumulative amounts add up to `price_paid`.
+    With a fee of 0 there are no receipts: the check is that none were made and 0 was paid."""
+    by_peer = {n.peer_id: n for n in cluster.nodes}
+    with node.http() as c:
+        mine = c.get("/v1/ledger").json()
+    out = {ch["channel"]: ch for ch in mine["channels"] if ch["role"] == "out"}
+    matched, ok = 0, True
+    for peer in k["providers"]:
+        with by_peer[peer].http() as c:
+            theirs = c.get("/v1/ledger").json()
+        inn = [ch for ch in theirs["channels"] if ch["role"] == "in" and ch["payer"] == mine["me"]]
+        for ch in inn:
+            o = out.get(ch["channel"])
+            ok &= o is not None and (o["payee"], o["seq"], o["cumulative"]) == (theirs["me"], ch["seq"],
+                                                                              ch["cumulative"])
+            matched += 1
+        ok &= len(inn) == sum(1 for o in out.values() if o["payee"] == theirs["me"])
+    total = sum(o["cumulative"] for o in out.values())
+    ok &= total == k["price_paid"] and (matched > 0) == (k["price_paid"] > 0)
+    return {"receipts_match": bool(ok), "channels_matched": matched, "ledger_paid": total}
 
 
 def load(cluster: Cluster, requests: int = 32, concurrency: int = 8, doc_bytes: int = 1200) -> dict[str, Any]:

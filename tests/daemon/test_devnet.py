@@ -29,6 +29,7 @@ def test_basic_devnet_two_nodes():
     [agent] = report["agents"]
     assert agent["cached_tokens"] == report["document_tokens"] > 600
     assert agent["source"] == "network" and agent["exact"] and agent["bytes_fetched"] > 0
+    assert agent["price_paid"] > 0 and agent["receipts_match"] and agent["channels_matched"] >= 1  # fee 10/MiB
     assert _devnet_dirs() == before
 
 
