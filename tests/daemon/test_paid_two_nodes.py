@@ -9,12 +9,16 @@ fetch started, neither ledger changed)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
 
 from kvnet.receipts import hosting_cost
-from tests.daemon.nodes import NodeProc, start, write_config
+from tests.daemon.nodes import ROOT, NodeProc, start, write_config
 
 FEE = 1000  # micro-units per MiB: a ~420 KB tiny-model document costs a few hundred
 DOC = ("Section 7: a host quotes its fee per MiB in its offer, and the payer signs a receipt for the "
@@ -46,6 +50,14 @@ def _metric(node: NodeProc, name: str) -> float:
     return sum(values)
 
 
+def _kvnet(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "kvnet.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def _channel(ledger: dict, role: str) -> dict:
     chans = [c for c in ledger["channels"] if c["role"] == role]
     assert len(chans) == 1, ledger["channels"]
@@ -69,6 +81,8 @@ def test_paid_reuse_matches_both_ledgers_and_a_limit_refuses_before_any_byte(tmp
                 paid_metric = _metric(b, "kvnet_paid_microunits_total")
                 signed_metric = _metric(b, 'kvnet_receipts_total{direction="signed"}')
                 accepted_metric = _metric(a, 'kvnet_receipts_total{direction="accepted"}')
+                cli_json = json.loads(_kvnet("node", "ledger", "--socket", b.socket, "--json"))
+                cli_table = _kvnet("node", "ledger", "--socket", b.socket)
                 pub2 = ca.post("/v1/kv/publish", json={"text": DOC2, "for_chat": True}).json()
         finally:
             assert b.stop() == 0
@@ -88,6 +102,7 @@ def test_paid_reuse_matches_both_ledgers_and_a_limit_refuses_before_any_byte(tmp
             assert b.stop() == 0
     finally:
         assert a.stop() == 0
+    offline = json.loads(_kvnet("ledger", "--home", str(b_cfg.parent / "data"), "--json"))
 
     # the paid answer: reused from A, and its price is what both ledgers hold
     assert k["source"] == "network" and k["providers"] == [a.ready["peer_id"]] and k["bytes_fetched"] > 0
@@ -103,6 +118,10 @@ def test_paid_reuse_matches_both_ledgers_and_a_limit_refuses_before_any_byte(tmp
                                "receipts": inn["seq"], "amount": k["price_paid"], "debtor": False}]
     assert led_a["debtors"] == [] and led_b["debtors"] == []
     assert paid_metric == k["price_paid"] and signed_metric == out["seq"] == accepted_metric
+    # `kvnet node ledger` (through kvnet.client) and `kvnet ledger` on B's data dir show the same data
+    assert cli_json == led_b
+    assert out["channel"][:16] in cli_table and "latest receipt per channel" in cli_table
+    assert offline == {k: v for k, v in after_b.items() if k not in ("me", "currency")}
     # the restart kept B's ledger
     assert led_b_restarted["channels"] == led_b["channels"] and led_b_restarted["me"] == led_b["me"]
     # over the limit: a 402 naming it, and no byte moved
