@@ -50,7 +50,19 @@ def _metric(node: NodeProc, name: str) -> float:
     return sum(values)
 
 
+def _kvnet_json(*args: str) -> dict:
+    """`kvnet ARGS --json` in this process (typer's runner: the same app, no interpreter start-up)."""
+    from typer.testing import CliRunner
+
+    from kvnet.cli import app
+
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
 def _kvnet(*args: str) -> str:
+    """`kvnet ARGS` as a user runs it (its rich tables at 200 columns)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     r = subprocess.run([sys.executable, "-m", "kvnet.cli", *args], capture_output=True, text=True, env=env,
                        timeout=120)
@@ -81,7 +93,7 @@ def test_paid_reuse_matches_both_ledgers_and_a_limit_refuses_before_any_byte(tmp
                 paid_metric = _metric(b, "kvnet_paid_microunits_total")
                 signed_metric = _metric(b, 'kvnet_receipts_total{direction="signed"}')
                 accepted_metric = _metric(a, 'kvnet_receipts_total{direction="accepted"}')
-                cli_json = json.loads(_kvnet("node", "ledger", "--socket", b.socket, "--json"))
+                cli_json = _kvnet_json("node", "ledger", "--socket", b.socket)
                 cli_table = _kvnet("node", "ledger", "--socket", b.socket)
                 pub2 = ca.post("/v1/kv/publish", json={"text": DOC2, "for_chat": True}).json()
         finally:
@@ -102,7 +114,7 @@ def test_paid_reuse_matches_both_ledgers_and_a_limit_refuses_before_any_byte(tmp
             assert b.stop() == 0
     finally:
         assert a.stop() == 0
-    offline = json.loads(_kvnet("ledger", "--home", str(b_cfg.parent / "data"), "--json"))
+    offline = _kvnet_json("ledger", "--home", str(b_cfg.parent / "data"))
 
     # the paid answer: reused from A, and its price is what both ledgers hold
     assert k["source"] == "network" and k["providers"] == [a.ready["peer_id"]] and k["bytes_fetched"] > 0
