@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict
     try:
         with cluster:
-            console.print(f"devnet: {args.nodes} nodes up ({args.model} {args.dtype}); scenario {args.scenario}")
+            console.print(f"devnet: {args.nodes} nodes up ({args.model} {args.dtype}) in {cluster.tmp}; "
+                          f"scenario {args.scenario}", highlight=False, soft_wrap=True)
             try:
                 kw: dict = {"doc_bytes": args.doc_bytes} if args.doc_bytes else {}
                 if args.scenario == "byzantine":
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     report["nodes"] = args.nodes
     report["leftovers"] = cluster.leftovers
+    report["dir"] = str(cluster.tmp)  # removed by now
     report["ok"] = report["ok"] and not cluster.leftovers
     if args.json:
         print(json.dumps(report, indent=2))
