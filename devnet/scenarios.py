@@ -236,7 +236,9 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000, liars: tuple[str, ...] = 
     rows: list[dict[str, Any]] = []
     messages = [{"role": "system", "content": doc}, {"role": "user", "content": "Who verifies?"}]
     _wait_visible(bad, messages, pub["manifest_id"])
-    ask_stream(bad, cluster.model, messages)
+    first = ask_stream(bad, cluster.model, messages)["kvnet"]
+    if first["source"] != "network":  # it must hold a copy before that copy can rot
+        raise RuntimeError(f"{bad.name} did not fetch the document: {first['network_error']}")
     _corrupt(bad, pub["manifest_id"])
     own = ask_stream(bad, cluster.model, messages)["kvnet"]  # its own rotten copy fails verification on load
     own_full = ask_stream(bad, cluster.model, messages, kvnet_reuse=False)["kvnet"]
