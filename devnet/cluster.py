@@ -3,6 +3,8 @@
 Node 0 starts first; every other node bootstraps through it. `Cluster` is a context manager whose exit
 stops every node (SIGTERM, then SIGKILL after a grace) and removes the temp dir, also when the
 scenario failed or the user pressed Ctrl-C, and checks that no node process or socket file is left.
+`start_liar` adds a devnet liar process (devnet/liar.py), stopped with the nodes. `DevNode`,
+`write_config` and `start_node` are also the daemon tests' way to run a node (tests/daemon/nodes.py).
 """
 
 from __future__ import annotations

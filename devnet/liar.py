@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devnet.scenarios import LIARS as LIES
 from kvnet import canonical, chain, identity, logs
@@ -65,7 +66,7 @@ def forged_raw(sm: SignedManifest) -> bytes:
     return canonical.encode({**d, "sig": bytes(sig)})
 
 
-def foreign_raw(sm: SignedManifest, key, seed: int = 7) -> bytes:
+def foreign_raw(sm: SignedManifest, key: Ed25519PrivateKey, seed: int = 7) -> bytes:
     """A manifest the liar signs itself: same model, length and layout as `sm`, chain over other tokens."""
     m = sm.manifest
     rng = random.Random(seed)
