@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.daemon.nodes import start, write_config
+from devnet.cluster import start_node, write_config
 
 
 def _doc(n: int, seed: int) -> str:
@@ -61,16 +61,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model = f'[model]\nref = "{args.model}"\ndtype = "{args.dtype}"\n'
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kvnet-ttft-") as tmp:
-        def cfg(name: str, extra: str = "") -> Path:
-            path = write_config(Path(tmp) / name, extra=extra, use_network=True)
-            text = path.read_text().replace('[model]\nref = "tiny"\ndtype = "fp32"\n', model)
-            path.write_text(text)
-            return path
+        def cfg(name: str, bootstrap: list[str] | None = None) -> Path:
+            return write_config(Path(tmp) / name, args.model, args.dtype, bootstrap, {"use_network": True})
 
-        a = start(cfg("a"))
+        a = start_node(cfg("a"))
         try:
             doc, other = _doc(args.doc_tokens, 1), _doc(args.doc_tokens, 2)
             with a.http(timeout=600) as ca:
@@ -79,7 +75,7 @@ def main() -> None:
                     rows.append({"case": "local", **_ask(ca, args.model, doc, f"Question {i}?")})
                 for i in range(args.repeats):
                     rows.append({"case": "full", **_ask(ca, args.model, other + str(i), f"Question {i}?")})
-            b = start(cfg("b", f'bootstrap = ["{a.addr}"]'))
+            b = start_node(cfg("b", [a.addr]))
             try:
                 with b.http(timeout=600) as cb:
                     deadline = time.monotonic() + 120

@@ -1,4 +1,5 @@
-"""`python -m devnet run --nodes N --scenario basic|load [--model tiny] [--dtype fp32] [--fee-per-mib 10] [--json]`.
+"""`python -m devnet run --nodes N --scenario basic|load|churn|byzantine [--model tiny] [--dtype fp32]
+[--fee-per-mib 10] [--liars L] [--json]`.
 
 Starts N real kvnet-node processes on loopback (devnet.cluster), runs the scenario against their
 agent sockets (devnet.scenarios), prints a report (a rich table, or one JSON object with --json), and
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devnet.cluster import DEFAULT_FEE_PER_MIB, Cluster
-from devnet.scenarios import SCENARIOS
+from devnet.scenarios import LIARS, SCENARIOS
 
 console = Console(stderr=True)
 
@@ -35,11 +36,15 @@ def _table(report: dict) -> None:
                       f"{r['ttft_full_s']:.3f}", "yes" if r["exact"] else "NO")
         out.print(t)
     elif report["scenario"] == "byzantine":
+        liars = sorted(report["liars"])
         t = Table("agent", "cached", "source", "exact", "corrupt provider offered", "its score here",
-                  title=f"byzantine: {report['corrupt_node']} serves corrupt pieces")
+                  *(f"liar {lie}: score here" for lie in liars), "liars supplied",
+                  title=f"byzantine: {report['corrupt_node']} serves corrupt pieces; liars lie in offers "
+                        f"({', '.join(liars)}; not scored today: {', '.join(report['unscored_lies']) or 'none'})")
         for r in report["agents"]:
             t.add_row(r["node"], str(r["cached_tokens"]), str(r["source"]), "yes" if r["exact"] else "NO",
-                      "yes" if r["corrupt_provider_offered"] else "no", str(r["corrupt_provider_score"]))
+                      "yes" if r["corrupt_provider_offered"] else "no", str(r["corrupt_provider_score"]),
+                      *(str(r["liar_scores"][lie]) for lie in liars), ", ".join(r["liars_supplied"]) or "none")
         out.print(t)
     elif report["scenario"] == "churn":
         t = Table("step", "node", "cached", "source", "fetched MB", "ok", title="churn")
@@ -67,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--doc-bytes", type=int, default=None, help="document size (default: 1200; byzantine 7000)")
     run.add_argument("--fee-per-mib", type=int, default=DEFAULT_FEE_PER_MIB,
                      help=f"every node's hosting fee, micro-units per MiB (default {DEFAULT_FEE_PER_MIB}; 0: free)")
+    run.add_argument("--liars", default=",".join(LIARS),
+                     help=f"byzantine: liar processes, comma-separated from {', '.join(LIARS)} (default: all)")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args(argv)
+    liars = tuple(x for x in args.liars.split(",") if x)
+    if any(x not in LIARS for x in liars):
+        ap.error(f"--liars: each one of {', '.join(LIARS)}")
     if args.scenario == "basic" and args.nodes < 2:
         ap.error("basic needs at least 2 nodes (a publisher and an agent's node)")
     if args.scenario in ("churn", "byzantine") and args.nodes < 3:
@@ -82,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict
     try:
         with cluster:
-            console.print(f"devnet: {args.nodes} nodes up ({args.model} {args.dtype}); scenario {args.scenario}")
+            console.print(f"devnet: {args.nodes} nodes up ({args.model} {args.dtype}) in {cluster.tmp}; "
+                          f"scenario {args.scenario}", highlight=False, soft_wrap=True)
             try:
-                kw = {"doc_bytes": args.doc_bytes} if args.doc_bytes else {}
+                kw: dict = {"doc_bytes": args.doc_bytes} if args.doc_bytes else {}
+                if args.scenario == "byzantine":
+                    kw["liars"] = liars
                 report = SCENARIOS[args.scenario](cluster, **kw)
             except Exception as exc:  # noqa: BLE001 - a failing scenario is a report, then teardown
                 report = {"scenario": args.scenario, "ok": False, "error": str(exc)}
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     report["nodes"] = args.nodes
     report["leftovers"] = cluster.leftovers
+    report["dir"] = str(cluster.tmp)  # removed by now
     report["ok"] = report["ok"] and not cluster.leftovers
     if args.json:
         print(json.dumps(report, indent=2))

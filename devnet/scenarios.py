@@ -8,6 +8,7 @@ basic: node 0 publishes a document for chat; every other node's agent asks its o
        price paid. Reported per agent: cached tokens, bytes fetched, providers, price paid, receipts
        matched, time to first token reused versus full prefill.
 churn: SIGKILLed and restarted nodes (see `churn`).
+byzantine: a node serving corrupt pieces and two liar processes lying in offers (see `byzantine`).
 load:  node 0 publishes; `requests` concurrent agent requests (`concurrency` at a time) against node 0
        over the document, each with its own question: throughput, p50/p99 latency, errors (must be 0).
 """
@@ -212,20 +213,61 @@ def _corrupt(node: DevNode, manifest_id: str) -> int:
     return size
 
 
-def byzantine(cluster: Cluster, doc_bytes: int = 7000) -> dict[str, Any]:
-    """A provider serves corrupt pieces: node1 fetches the document, then its stored copy rots (one
-    byte flipped per MiB); every later agent still gets verified, correct KV (token-exact against its
-    own full prefill), and a node that was sent a corrupt piece scores node1 down. (Peers that lie in
-    offers are covered by tests/p2p/test_lying_providers.py; a devnet liar process is still to come.)"""
+LIARS = ("forged", "foreign", "phantom")  # devnet/liar.py: each a separate process that lies in its offers
+# Lies a node scores down today. `phantom` (offers every piece, holds none, answers `missing`) is not:
+# an honest node that evicted the artifact since its offer answers the same; the fetch routes around it.
+SCORED_LIES = frozenset({"forged", "foreign"})
+CATCH_LOOKUPS = 10  # lookups an agent's node may need before it has asked a liar (bounded, not timed)
+
+
+def _scores(node: DevNode) -> dict[str, float]:
+    with node.http() as c:
+        return {p["peer_id"]: p["score"] for p in c.get("/v1/peers").json()["peers"]}
+
+
+def _until_scored(node: DevNode, messages: list[dict], liars: list[DevNode]) -> tuple[dict[str, float], int]:
+    """The liars' scores on `node`, once every liar has been asked (and caught) by one of its lookups.
+
+    An agent's lookup asks every provider a batch of DHT answers names, but stops 1 s after one offer
+    verified: a liar whose answer is later than that is not asked this time. So this looks up again,
+    at most CATCH_LOOKUPS times, until each liar's score there is below 0; returns the scores and how
+    many extra lookups that took (0: the agent's own requests had caught them all)."""
+    liars = [liar for liar in liars if liar.ready["liar"] in SCORED_LIES]
+    for extra in range(CATCH_LOOKUPS + 1):
+        scores = _scores(node)
+        if all(scores.get(liar.peer_id, 0.0) < 0 for liar in liars):
+            return scores, extra
+        with node.http() as c:
+            c.post("/v1/kv/lookup", json={"messages": messages}).raise_for_status()
+    return _scores(node), CATCH_LOOKUPS
+
+
+def byzantine(cluster: Cluster, doc_bytes: int = 7000, liars: tuple[str, ...] = LIARS) -> dict[str, Any]:
+    """One node serves corrupt pieces, and liar processes lie in their offers; every agent still gets
+    verified, correct KV (token-exact against its own full prefill), no agent's answer uses a byte
+    from any of them, and the agents' nodes score the SCORED_LIES liars down (and the corrupt node,
+    whenever a fetch asked it for a piece).
+
+    The corrupt node: node1 fetches the document, then its stored copy rots (one byte flipped per
+    MiB); its own agent's answer fails verification on load and is prefilled instead. The liars
+    (devnet/liar.py), started once the document is published: `forged` offers the document's
+    manifest with a broken signature, `foreign` announces the document's prefix keys but offers a
+    manifest of its own over other tokens, `phantom` offers the real manifest with every piece and
+    holds none (not scored today: its score is reported). All announce the document's manifest id
+    and chain keys."""
     if cluster.n < 3:
         raise RuntimeError("byzantine needs at least 3 nodes")
     doc = document(doc_bytes)
     pub = _publish(cluster.nodes[0], doc)
+    procs = [cluster.start_liar(lie, pub["manifest_id"]) for lie in liars]
+    liar_ids = {liar.peer_id: liar.ready["liar"] for liar in procs}
     bad = cluster.nodes[1]
     rows: list[dict[str, Any]] = []
     messages = [{"role": "system", "content": doc}, {"role": "user", "content": "Who verifies?"}]
     _wait_visible(bad, messages, pub["manifest_id"])
-    ask_stream(bad, cluster.model, messages)
+    first = ask_stream(bad, cluster.model, messages)["kvnet"]
+    if first["source"] != "network":  # it must hold a copy before that copy can rot
+        raise RuntimeError(f"{bad.name} did not fetch the document: {first['network_error']}")
     _corrupt(bad, pub["manifest_id"])
     own = ask_stream(bad, cluster.model, messages)["kvnet"]  # its own rotten copy fails verification on load
     own_full = ask_stream(bad, cluster.model, messages, kvnet_reuse=False)["kvnet"]
@@ -237,21 +279,30 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000) -> dict[str, Any]:
         full = ask_stream(node, cluster.model, messages, kvnet_reuse=False)
         k = reused["kvnet"]
         with node.http() as c:
-            scores = {p["peer_id"]: p["score"] for p in c.get("/v1/peers").json()["peers"]}
             fetches = c.get("/v1/status").json()["recent_fetches"]
-        used_bad = any(bad.peer_id in f.get("providers", []) for f in fetches)
+        scores, extra_lookups = _until_scored(node, messages, procs)
+        offered = {p for f in fetches for p in f.get("providers", [])}
+        used_bad = bad.peer_id in offered
         rows.append({"node": node.name, "cached_tokens": k["cached_tokens"], "source": k["source"],
                      "exact": k["token_ids"] == full["kvnet"]["token_ids"], "providers": k["providers"],
                      "corrupt_provider_offered": used_bad, "corrupt_provider_score": scores.get(bad.peer_id),
-                     "corrupt_provider_supplied": bad.peer_id in k["providers"], "network_error": k["network_error"]})
+                     "corrupt_provider_supplied": bad.peer_id in k["providers"], "network_error": k["network_error"],
+                     "liar_scores": {lie: scores.get(pid) for pid, lie in liar_ids.items()},
+                     "liars_in_fetch": sorted(liar_ids[p] for p in offered if p in liar_ids),
+                     "liars_supplied": sorted(liar_ids[p] for p in k["providers"] if p in liar_ids),
+                     "extra_lookups": extra_lookups})
     ok = all(r["exact"] and r["cached_tokens"] == pub["n_tokens"] and not r["corrupt_provider_supplied"]
+             and not r["liars_supplied"]
+             and all(s is not None and s < 0 for lie, s in r["liar_scores"].items() if lie in SCORED_LIES)
              for r in rows)
-    caught = [r for r in rows if r["corrupt_provider_offered"]]
-    ok = ok and all((r["corrupt_provider_score"] or 0) < 0 for r in caught)
+    # Whether a fetch sends node1 a piece request at all depends on which provider's worker takes the
+    # pieces first; when it does, node1 is dropped and scored down (bad_piece, -10), and its score is
+    # reported. What holds whatever the order: it supplied nothing (above).
     ok = ok and rotten["exact"] and rotten["cached_tokens"] == 0 and rotten["load_error"] is not None
-    return {"scenario": "byzantine", "ok": ok,
+    return {"scenario": "byzantine", "ok": ok and bool(rows),
             "corrupt_node_itself": rotten, "document_tokens": pub["n_tokens"], "kv_bytes": pub["total_bytes"],
-            "corrupt_node": bad.name, "agents": rows}
+            "corrupt_node": bad.name, "liars": {lie: pid for pid, lie in liar_ids.items()},
+            "unscored_lies": sorted(set(liars) - SCORED_LIES), "agents": rows}
 
 
 SCENARIOS = {"basic": basic, "load": load, "churn": churn, "byzantine": byzantine}

@@ -31,6 +31,11 @@ from kvnet.manifest import Terms
 
 log = logging.getLogger("kvnet.daemon.app")
 Handler = Callable[[Request], Awaitable[Response]]
+# Request limits beyond `agent.max_body_bytes` (docs/security.md, "The agent socket"): a body within the
+# byte limit must still not cost the node unbounded work or echo unbounded data back.
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a request body
+MAX_TITLE_CHARS = 1024  # a published title goes into the signed manifest (and its DHT record)
+MAX_IGNORED_PARAMS = 64  # unknown or non-default fields of one request (each is echoed in a header)
 
 
 def error_response(err: oa.ApiError) -> JSONResponse:
@@ -47,9 +52,29 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(body) > max_bytes:
             raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError:
+        value = None
+        _too_deep()
     except (ValueError, UnicodeDecodeError) as exc:
         raise oa.bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    _check_depth(value)
+    return value
+
+
+def _too_deep() -> None:
+    raise oa.bad(f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep", code="invalid_json")
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (iteratively: no recursion on what an agent sent)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                _too_deep()
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
 def build_app(svc: Service) -> Starlette:
@@ -93,6 +118,8 @@ def build_app(svc: Service) -> Starlette:
     async def generate(request: Request, chat: bool) -> Response:
         body = await body_of(request)
         params = oa.parse_params(body, svc.models, svc.cfg.agent.max_tokens, chat)
+        if len(params.ignored) > MAX_IGNORED_PARAMS:
+            raise oa.bad(f"{len(params.ignored)} unknown or non-default fields; at most {MAX_IGNORED_PARAMS}")
         tok = svc.engine.tokenizer
         try:
             prompt = chat_tokens(tok, body.get("messages")) if chat else oa.prompt_of(body, tok.encode)
@@ -192,7 +219,18 @@ def build_app(svc: Service) -> Starlette:
     # -- kvnet ------------------------------------------------------------------------------------
 
     def tokens_of(body: dict[str, Any], for_chat_field: bool = False) -> list[int]:
-        """`text` | `tokens` | `prompt` | `messages`: the token ids a kvnet endpoint is about."""
+        """`text` | `tokens` | `prompt` | `messages`: the token ids a kvnet endpoint is about, each a
+        token of the model, and no more than its context holds (as for a generation request)."""
+        tokens = _tokens_of(body, for_chat_field)
+        vocab = int(svc.engine.model.config.vocab_size)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise oa.bad(f"token ids must be in [0, {vocab})", "tokens")
+        if len(tokens) > svc.context_len:
+            raise oa.bad(f"{len(tokens)} tokens; this model's context is {svc.context_len}",
+                         code="context_length_exceeded")
+        return tokens
+
+    def _tokens_of(body: dict[str, Any], for_chat_field: bool) -> list[int]:
         tok = svc.engine.tokenizer
         given = [k for k in ("text", "tokens", "prompt", "messages") if body.get(k) is not None]
         if len(given) != 1:
@@ -221,8 +259,8 @@ def build_app(svc: Service) -> Starlette:
             raise oa.bad("for_chat needs the document as text", "for_chat")
         tokens = tokens_of(body, for_chat_field=True)
         title = body.get("title")
-        if title is not None and not isinstance(title, str):
-            raise oa.bad("title must be a string", "title")
+        if title is not None and not (isinstance(title, str) and len(title) <= MAX_TITLE_CHARS):
+            raise oa.bad(f"title must be a string of at most {MAX_TITLE_CHARS} characters", "title")
         price = body.get("price_per_load", 0)
         if isinstance(price, bool) or not isinstance(price, int) or price < 0:
             raise oa.bad("price_per_load must be an integer >= 0 (micro-units)", "price_per_load")
