@@ -39,6 +39,8 @@ class Metrics:
         self.store_bytes = Gauge("kvnet_store_bytes", "bytes of KV held in the store", registry=r)
         self.receipts = Counter("kvnet_receipts", "payment receipts sent and received (0 until payments are "
                                 "wired)", ["direction"], registry=r)
+        self.audits = Counter("kvnet_audits", "block audits of loaded artifacts by result (passed, failed, "
+                              "error)", ["result"], registry=r)
         self.server: Any = None
         self.address: str | None = None
 

@@ -1,0 +1,72 @@
+"""The refusal list and key scores (kvnet.refusals) on a real SQLite file: what a node refused stays
+refused across a restart, a proven fraud blames the publisher once per manifest, a false proof blames
+its author; and a node announcing a refused manifest purges it from its store instead."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kvnet import refusals as rf
+from kvnet.p2p import proofs
+from kvnet.refusals import Refusals
+from tests.artifacts import fake_artifact
+from tests.p2p.conftest import make_node
+
+MID, OTHER, PUB, AUTHOR = b"m" * 32, b"o" * 32, b"p" * 32, b"a" * 32
+
+
+def test_refusals_survive_a_restart_and_blame_the_publisher_once(tmp_path):
+    path = tmp_path / rf.FILENAME
+    r = Refusals(path)
+    assert not r.is_refused(MID) and not r.publisher_refused(PUB)
+    assert r.refuse(MID, PUB, b"i" * 32, 2, AUTHOR)
+    assert not r.refuse(MID, PUB, b"j" * 32, 3)  # the same manifest again: no second blame
+    r.close()
+    r = Refusals(path)  # another process, or after a restart
+    assert r.is_refused(MID) and not r.is_refused(OTHER)
+    (one,) = r.refused()
+    assert (one.manifest_id, one.publisher, one.block, one.author) == (MID, PUB, 2, AUTHOR)
+    assert r.score(PUB) == rf.KeyScore(PUB, rf.FRAUD_PENALTY, 1, 0)
+    assert r.publisher_refused(PUB) and not r.author_ignored(AUTHOR)
+    r.close()
+
+
+def test_a_false_proof_costs_its_author(tmp_path):
+    r = Refusals(tmp_path / rf.FILENAME)
+    assert r.score(AUTHOR) == rf.KeyScore(AUTHOR, 0.0, 0, 0)
+    assert r.false_proof(AUTHOR) == rf.FALSE_PROOF_PENALTY
+    assert r.author_ignored(AUTHOR) and not r.publisher_refused(AUTHOR)
+    assert r.score(AUTHOR).false_proofs == 1
+    r.close()
+    assert Refusals(tmp_path / rf.FILENAME).author_ignored(AUTHOR)
+
+
+def test_lookups_skip_refused_manifests_and_fraudulent_publishers(tmp_path):
+    sm, _ = fake_artifact(1, 1)
+    sm2, _ = fake_artifact(2, 1)  # the same (test) publisher key
+    r = Refusals(None)
+    assert proofs.admissible(r, sm) and proofs.admissible(r, sm2)
+    r.refuse(sm.id, sm.manifest.publisher, b"i" * 32, 0)
+    assert not proofs.admissible(r, sm)
+    assert not proofs.admissible(r, sm2)  # the same publisher: nothing else it signed is offered
+
+
+@pytest.mark.trio
+async def test_announcing_a_refused_manifest_purges_it_and_fetching_it_is_refused(tmp_path):
+    """A refused manifest put back in the store (by another process on the home) is dropped instead of
+    announced, so the node serves it no more; a fetch of it fails before any byte moves."""
+    sm, pieces = fake_artifact(3, 1, piece_size=1 << 18)
+    node = make_node(tmp_path, "N", refusals=Refusals(tmp_path / rf.FILENAME))
+    node.store.put_manifest(sm.raw)
+    node.store.put_pieces(sm.id, list(enumerate(pieces)))
+    node.refusals.refuse(sm.id, sm.manifest.publisher, b"i" * 32, 1)
+    assert await node.announce(sm.id) == 0
+    assert [e.id for e in node.store.entries()] == []
+    assert node.stats.provides == 0 and node.stats.values == 0
+    from kvnet.p2p.node import Found
+
+    with pytest.raises(proofs.RefusedError, match="is refused"):
+        await node.fetch(Found(sm, sm.manifest.n_tokens, []))
+    assert node.store.entries() == []
+    await trio.sleep(0)
