@@ -70,3 +70,33 @@ async def test_announcing_a_refused_manifest_purges_it_and_fetching_it_is_refuse
         await node.fetch(Found(sm, sm.manifest.n_tokens, []))
     assert node.store.entries() == []
     await trio.sleep(0)
+
+
+@pytest.mark.trio
+async def test_a_node_signs_and_puts_the_proof_files_of_its_home(tmp_path, tiny_bf16, key):
+    """`kvnet audit` and `kvnet generate` write proofs to <home>/proofs/ (they run no node); the home's
+    node refuses the artifact and puts each proof, signed by its key, under /kvf/ when it announces."""
+    from kvnet import audit, fraud, identity
+    from kvnet.p2p import dht as kdht
+    from tests.conftest import random_tokens
+    from tests.poison import poisoned_artifact, put
+
+    doc, other = random_tokens(2 * 64, seed=160), random_tokens(2 * 64, seed=161)
+    sm, pieces = poisoned_artifact(tiny_bf16, key, doc, other, forged=1, block_size=64)
+    raw = fraud.build_proof(sm, audit.audit(tiny_bf16, sm, doc, lambda i: pieces[i], blocks=[1]).blocks[0], doc)
+    folder = tmp_path / "N" / "proofs"
+    folder.mkdir(parents=True)
+    (folder / f"{sm.id.hex()}.1.kvproof").write_bytes(raw)
+    (folder / "junk.kvproof").write_bytes(b"not a proof")
+    node = make_node(tmp_path, "N", proofs_dir=folder)
+    put(node.store, sm, pieces)
+    async with trio.open_nursery() as n:
+        await n.start(node.run)  # announces at start: the proof files first refuse, then go out
+        assert node.refusals.is_refused(sm.id) and node.store.entries() == []
+        with trio.fail_after(20):
+            record = await node.dht.get_value(kdht.proof_key(sm.id))
+        opened = fraud.open_record(record)
+        assert opened.author == identity.public_bytes(node.key) and opened.proof.raw == raw
+        assert node.proofs_put == {f"{sm.id.hex()}.1.kvproof", "junk.kvproof"}
+        assert await proofs.publish_pending(node) == 0  # each file once
+        n.cancel_scope.cancel()
