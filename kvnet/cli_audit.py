@@ -250,12 +250,7 @@ class GenerateAudit:
         from kvnet.store import NotFoundError, Store
 
         proof = fraud.check_proof(raw)
-        folder = self.home / "proofs"
-        path = folder / f"{proof.manifest_id.hex()}.{proof.block}.kvproof"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
+        path = fraud.write_proof(self.home / "proofs", raw)
         refusals = Refusals(self.home / FILENAME)
         try:
             refusals.refuse(proof.manifest_id, proof.signed.manifest.publisher, proof.id, proof.block)

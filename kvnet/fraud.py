@@ -15,6 +15,7 @@ producer's model and compute profile. Each rejection is a `ProofError` whose `ru
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT_VERSION", "JUDGED_RULES", "MAX_PROOF_BYTES", "MAX_RECORD_BYTES", "PROOF_DOMAIN", "RECORD_DOMAIN",
            "RECORD_RULES", "RECORD_SIG_DOMAIN", "RULES", "FraudProof", "ProofError", "ProofRecord", "VerifiedProof",
            "build_proof", "check_proof", "decode_tokens", "encode_tokens", "open_record", "pieces_reader", "refuse",
-           "sign_record", "verify_proof", "verify_stored"]
+           "sign_record", "verify_proof", "verify_stored", "write_proof"]
 
 PROOF_DOMAIN = "kvnet/fraud-proof"
 FORMAT_VERSION = 1
@@ -279,6 +280,18 @@ def verify_stored(raw: bytes, engine: Engine, store_root: Path) -> VerifiedProof
                                            f"{exc}") from exc
 
         return verify_proof(raw, engine, read)
+
+
+def write_proof(folder: Path, raw: bytes) -> Path:
+    """Store a proof as `<folder>/<manifest id hex>.<block>.kvproof` (atomically), where the home's node
+    finds it to sign and put in the DHT at every full announcement (kvnet.p2p.proofs)."""
+    proof = check_proof(raw)
+    path = Path(folder) / f"{proof.manifest_id.hex()}.{proof.block}.kvproof"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+    return path
 
 
 def pieces_reader(signed: SignedManifest, source: Path) -> tuple[ReadPiece, Callable[[], None]]:

@@ -67,6 +67,10 @@ class DaemonAudits:
 
     def _proof(self, raw: bytes) -> None:  # the auditor's thread: act from the trio loop, wait for it
         self.counts["proofs"] += 1
+        try:
+            fraud.write_proof(self.node.proofs_dir, raw)  # re-put at every full announcement
+        except OSError as exc:
+            log.warning("cannot keep the fraud proof in %s: %s", self.node.proofs_dir, exc)
         if self._token is not None:
             trio.from_thread.run(proofs.act_on_own, self.node, raw, trio_token=self._token)
 

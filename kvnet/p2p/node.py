@@ -211,7 +211,7 @@ class Node:
         # fraud proofs (kvnet.p2p.proofs): refused manifests and blamed keys; this home's own proof files
         # to put in the DHT; the verifier a process running the model sets (None: proofs are not judged)
         self.refusals = refusals if refusals is not None else Refusals(None)
-        self.proofs_dir, self.proofs_put = proofs_dir, set()
+        self.proofs_dir, self.proofs_skipped = proofs_dir, set()
         self.proof_verifier: proofs.Verifier | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------

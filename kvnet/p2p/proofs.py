@@ -174,13 +174,14 @@ async def act_on_own(node: Node, proof: bytes) -> bytes | None:
 
 
 async def publish_pending(node: Node) -> int:
-    """Refuse and put each proof file of `node.proofs_dir` not put yet by this node (at most
-    MAX_PENDING_PROOFS a pass); how many were put. A file that is not a valid proof is skipped."""
+    """Refuse and put each proof file of `node.proofs_dir` (at most MAX_PENDING_PROOFS a pass; called at
+    every full announcement, so a record displaced in the DHT is put again); how many were put. A file
+    that is not a valid proof is skipped for the rest of the run."""
     if node.proofs_dir is None or not Path(node.proofs_dir).is_dir():
         return 0
     done = 0
     for path in sorted(Path(node.proofs_dir).glob("*.kvproof"))[:MAX_PENDING_PROOFS]:
-        if path.name in node.proofs_put:
+        if path.name in node.proofs_skipped:
             continue
         try:
             raw = path.read_bytes()
@@ -188,8 +189,7 @@ async def publish_pending(node: Node) -> int:
             done += await put(node, raw) is not None
         except (OSError, KvnetError) as exc:  # not a proof: never tried again
             log.info("proof file %s skipped: %s", path, exc)
+            node.proofs_skipped.add(path.name)
         except Exception as exc:  # noqa: BLE001 - a DHT failure: tried again on the next pass
             log.info("putting the fraud proof %s failed: %s", path, exc)
-            continue
-        node.proofs_put.add(path.name)
     return done

@@ -70,6 +70,8 @@ def test_the_node_audits_after_answering_and_refuses_a_poisoned_artifact(tmp_pat
     finally:
         assert node.stop() == 0
     assert Refusals(tmp_path / "n" / "data" / FILENAME).is_refused(poisoned.id)  # remembered
+    (kept,) = (tmp_path / "n" / "data" / "proofs").iterdir()  # put again at every full announcement
+    assert kept.name == f"{poisoned.id.hex()}.2.kvproof"
 
 
 def test_audits_can_be_turned_off(tmp_path, tiny_fp32, key):
