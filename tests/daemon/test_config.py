@@ -105,6 +105,6 @@ def test_the_example_config_parses_and_names_every_field():
     assert cfg.model.ref == "tiny" and cfg.agent.queue_size == config.AgentConfig.queue_size
     text = example.read_text()
     fields = (set(config.TOP) | {f"{k}" for sub in (config.ModelConfig, config.PricesConfig, config.AgentConfig,
-                                                   config.LogConfig) for k in sub.__dataclass_fields__})
+                                                   config.LogConfig, config.AuditConfig) for k in sub.__dataclass_fields__})
     missing = [f for f in sorted(fields) if f"{f} =" not in text and f"[{f}]" not in text]
     assert missing == [], f"document these in node/kvnet-node.toml: {missing}"
