@@ -88,11 +88,12 @@ def needed_pieces(needed: list[int], record: fraud.ProofRecord | None) -> list[i
 
 
 async def before_fetch(node: Node, sm: SignedManifest) -> fraud.ProofRecord | None:
-    """Refuse what is refused; else the proof record against `sm`, if any (judged by `after_fetch`)."""
+    """Refuse what is refused; else the proof record against `sm`, if any (judged by `after_fetch`).
+    A process that cannot verify proofs (no model: `kvnet fetch`) does not look one up."""
     if not admissible(node.refusals, sm):
         raise RefusedError(f"artifact {sm.id.hex()[:16]} is refused: a fraud proof against it or its "
                            f"publisher {sm.manifest.publisher.hex()[:16]} was verified (kvnet.refusals)")
-    return await lookup(node, sm.id)
+    return await lookup(node, sm.id) if node.proof_verifier is not None else None
 
 
 async def after_fetch(node: Node, sm: SignedManifest, record: fraud.ProofRecord | None) -> None:
