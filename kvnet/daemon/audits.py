@@ -28,6 +28,8 @@ from kvnet.p2p import proofs
 from kvnet.p2p.node import Node
 from kvnet.refusals import FILENAME, Refusals
 
+__all__ = ["RECENT", "DaemonAudits"]
+
 log = logging.getLogger("kvnet.daemon.audits")
 RECENT = 8  # audit reports kept for /v1/status
 
