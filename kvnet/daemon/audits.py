@@ -68,13 +68,13 @@ class DaemonAudits:
         self.recent = [report.to_json(), *self.recent][:RECENT]
 
     def _proof(self, raw: bytes) -> None:  # the auditor's thread: act from the trio loop, wait for it
-        self.counts["proofs"] += 1
         try:
             fraud.write_proof(self.node.proofs_dir, raw)  # re-put at every full announcement
         except OSError as exc:
             log.warning("cannot keep the fraud proof in %s: %s", self.node.proofs_dir, exc)
         if self._token is not None:
             trio.from_thread.run(proofs.act_on_own, self.node, raw, trio_token=self._token)
+        self.counts["proofs"] += 1  # acted on: refused, and the record put (or the put failed, logged)
 
     def status(self) -> dict[str, Any]:
         errors = len(self.auditor.errors) if self.auditor else 0
