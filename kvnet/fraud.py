@@ -30,6 +30,7 @@ from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest, pa
 if TYPE_CHECKING:
     from kvnet.audit import BlockAudit
     from kvnet.engine import Engine
+    from kvnet.refusals import Refusals
     from kvnet.store import Store
 
 __all__ = ["FORMAT_VERSION", "JUDGED_RULES", "MAX_PROOF_BYTES", "MAX_RECORD_BYTES", "PROOF_DOMAIN", "RECORD_DOMAIN",
@@ -197,11 +198,12 @@ def verify_proof(raw: bytes, engine: Engine, read_piece: ReadPiece) -> VerifiedP
     return VerifiedProof(proof, result.max_abs, result.rel, result.tolerance, result.first_layer)
 
 
-def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
+def refuse(store: Store, engine: Engine, raw: bytes, refusals: Refusals | None = None) -> VerifiedProof:
     """Verify a proof received from anyone against the pieces `store` holds, then stop using and
     serving the manifest it accuses: it is removed from the store (pinned or not; a node announces
-    only what its store holds). A proof that fails any rule changes nothing (ProofError): a false
-    accusation costs the publisher nothing."""
+    only what its store holds) and, with `refusals`, remembered (its publisher scored down) so it is
+    never fetched again. A proof that fails any rule changes nothing (ProofError): a false accusation
+    costs the publisher nothing. (A node does this through kvnet.p2p.proofs, which also blames authors.)"""
     proof = check_proof(raw)
     mid = proof.manifest_id
 
@@ -212,6 +214,8 @@ def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
             raise ProofError("pieces", f"the store lacks piece {i} of {mid.hex()[:16]}: {exc}") from exc
 
     verified = verify_proof(raw, engine, read)
+    if refusals is not None:
+        refusals.refuse(mid, proof.signed.manifest.publisher, proof.id, proof.block)
     store.delete(mid, force=True)
     return verified
 

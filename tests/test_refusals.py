@@ -100,3 +100,26 @@ async def test_a_node_signs_and_puts_the_proof_files_of_its_home(tmp_path, tiny_
         assert node.proofs_skipped == {"junk.kvproof"}
         assert await proofs.publish_pending(node) == 1  # put again at every full announcement
         n.cancel_scope.cancel()
+
+
+def test_the_library_refusal_remembers_and_a_false_proof_changes_nothing(tmp_path, tiny_bf16, key, store):
+    """`kvnet.fraud.refuse(store, engine, raw, refusals)`: a proof that holds removes and remembers the
+    manifest; a false one (an honest block accused) raises by rule and changes nothing."""
+    from kvnet import audit, canonical, fraud
+    from tests.conftest import random_tokens
+    from tests.poison import poisoned_artifact, put
+
+    doc, other = random_tokens(4 * 64, seed=162), random_tokens(4 * 64, seed=163)
+    sm, pieces = poisoned_artifact(tiny_bf16, key, doc, other, forged=2, block_size=64)
+    mid = put(store, sm, pieces)
+    r = Refusals(tmp_path / rf.FILENAME)
+    honest = audit.audit(tiny_bf16, sm, doc, lambda i: pieces[i], blocks=[1]).blocks[0]
+    bad = audit.audit(tiny_bf16, sm, doc, lambda i: pieces[i], blocks=[2]).blocks[0]
+    raw = fraud.build_proof(sm, bad, doc)
+    false = canonical.encode({**canonical.decode(raw, fraud.MAX_PROOF_BYTES), "block": 1,
+                              "tokens": fraud.encode_tokens(doc[: 2 * 64]), "recomputed": list(honest.recomputed)})
+    with pytest.raises(fraud.ProofError, match=r"\(honest\)"):
+        fraud.refuse(store, tiny_bf16, false, r)
+    assert store.missing_pieces(mid) == [] and not r.is_refused(mid)
+    assert fraud.refuse(store, tiny_bf16, raw, r).proof.block == 2
+    assert store.entries() == [] and r.is_refused(mid) and r.publisher_refused(sm.manifest.publisher)
