@@ -23,13 +23,19 @@ from kvnet import artifact, audit
 from kvnet.engine import Engine
 from tests.conftest import random_tokens
 
+CPU: list[float] = []  # CPU seconds (process_time, all threads) of the last _median call's runs
+
 
 def _median(fn, runs: int) -> float:
-    times = []
+    """Median wall seconds of `fn`; the median CPU seconds go to CPU[-1] (comparable on a loaded
+    machine, where wall time is not: another process's work does not count)."""
+    times, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    CPU.append(statistics.median(cpu))
     return statistics.median(times)
 
 
@@ -62,18 +68,25 @@ def main() -> None:
     for n in args.lengths:
         doc = random_tokens(n, seed=n, vocab=min(engine.model.config.vocab_size, 150000))
         full = _median(lambda doc=doc: engine.prefill(doc), args.runs)
+        full_cpu = CPU[-1]
         blockwise = _median(lambda doc=doc: _prefill_blockwise(engine, doc, args.block_size), args.runs)
         data = artifact.kv_to_bytes(engine.prefill(doc), engine.layout, args.block_size)
         sm = artifact.build_manifest(engine, doc, data, key, block_size=args.block_size)
         pieces = [bytes(p) for p in artifact.split_pieces(data)]
         last = len(sm.manifest.chain) - 1
-        results = {j: _audit_time(engine, sm.manifest, doc, j, pieces, args.runs) for j in (0, last)}
+        results, cpu = {}, {}
+        for j in (0, last):
+            results[j] = _audit_time(engine, sm.manifest, doc, j, pieces, args.runs)
+            cpu[j] = CPU[-1]
         rows.append({"n_tokens": n, "blocks": last + 1, "full_prefill_s": round(full, 4),
                      "blockwise_prefill_s": round(blockwise, 4),
                      "audit_last_s": round(results[last][0], 4), "audit_first_s": round(results[0][0], 4),
                      "last_fraction": round(results[last][0] / full, 4),
                      "first_fraction": round(results[0][0] / full, 4),
-                     "last_verdict": results[last][1].verdict, "last_rel": results[last][1].rel})
+                     "last_verdict": results[last][1].verdict, "last_rel": results[last][1].rel,
+                     "full_prefill_cpu_s": round(full_cpu, 4), "audit_last_cpu_s": round(cpu[last], 4),
+                     "audit_first_cpu_s": round(cpu[0], 4), "last_cpu_fraction": round(cpu[last] / full_cpu, 4),
+                     "first_cpu_fraction": round(cpu[0] / full_cpu, 4)})
     print(f"{args.model} {args.dtype}, blocks of {args.block_size}, {torch.get_num_threads()} threads, "
           f"median of {args.runs}")
     print(f"{'tokens':>7} {'full prefill s':>15} {'block-wise s':>13} {'audit last s':>13} {'fraction':>9} "
@@ -82,6 +95,11 @@ def main() -> None:
         print(f"{r['n_tokens']:>7} {r['full_prefill_s']:>15.3f} {r['blockwise_prefill_s']:>13.3f} "
               f"{r['audit_last_s']:>13.3f} {r['last_fraction']:>9.3f} {r['audit_first_s']:>14.3f} "
               f"{r['first_fraction']:>9.3f}  {r['last_verdict']} ({r['last_rel']:.3g})")
+    print(f"CPU seconds (process_time): {'tokens':>7} {'full prefill':>13} {'audit last':>11} {'fraction':>9} "
+          f"{'audit first':>12} {'fraction':>9}")
+    for r in rows:
+        print(f"{'':>28}{r['n_tokens']:>7} {r['full_prefill_cpu_s']:>13.3f} {r['audit_last_cpu_s']:>11.3f} "
+              f"{r['last_cpu_fraction']:>9.3f} {r['audit_first_cpu_s']:>12.3f} {r['first_cpu_fraction']:>9.3f}")
     print(json.dumps({"model": args.model, "dtype": args.dtype, "block_size": args.block_size,
                       "threads": torch.get_num_threads(), "rows": rows}))
 

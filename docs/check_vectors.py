@@ -557,6 +557,52 @@ def proof_problem(raw: bytes) -> str | None:
     return None
 
 
+RECORD_DOMAIN = "kvnet/fraud-proof-record"
+RECORD_SIG_DOMAIN = b"kvnet/fraud-proof-record/v1\x00"
+RECORD_FIELDS = ("author", "domain", "proof", "sig", "v")
+MAX_RECORD_BYTES = MAX_PROOF_BYTES + 1024
+
+
+def record_problem(raw: bytes) -> str | None:
+    """The proof record's rules of docs/audits.md, "The proof record", then the proof's own: None, or
+    the rule broken."""
+    if len(raw) > MAX_RECORD_BYTES:
+        return "record_size"
+    try:
+        d = dec(raw)
+    except ValueError:
+        return "record_encoding"
+    if (not isinstance(d, dict) or tuple(sorted(d)) != RECORD_FIELDS or not isinstance(d["author"], bytes)
+            or len(d["author"]) != 32 or not isinstance(d["proof"], bytes) or not isinstance(d["sig"], bytes)):
+        return "record_fields"
+    if (d["domain"], d["v"]) != (RECORD_DOMAIN, 1):
+        return "record_version"
+    body = {k: x for k, x in d.items() if k != "sig"}
+    try:
+        Ed25519PublicKey.from_public_bytes(d["author"]).verify(d["sig"], RECORD_SIG_DOMAIN + enc(body))
+    except Exception:
+        return "record_sig"
+    return proof_problem(d["proof"])
+
+
+def check_proof_record(c: Checker, v: dict[str, Any], proof_hex: str) -> None:
+    raw = bytes.fromhex(v["record_hex"])
+    rec = from_typed(v["record"])
+    c.eq("record bytes", enc(rec).hex(), v["record_hex"])
+    c.eq("record proof", rec["proof"].hex(), proof_hex)
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["author_private_key"]))
+    author = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    c.eq("record author", rec["author"].hex(), author.hex())
+    body = {k: x for k, x in rec.items() if k != "sig"}
+    c.eq("record signing bytes", (RECORD_SIG_DOMAIN + enc(body)).hex(), v["signing_bytes_hex"])
+    c.eq("record signature (deterministic Ed25519)", key.sign(RECORD_SIG_DOMAIN + enc(body)).hex(), rec["sig"].hex())
+    c.eq("record valid", record_problem(raw), None)
+    c.eq("record limits", v["limits"], {"domain": RECORD_DOMAIN, "v": 1, "sig_domain_hex": RECORD_SIG_DOMAIN.hex(),
+                                        "max_record_bytes": MAX_RECORD_BYTES, "dht_record_max_bytes": 196608})
+    for rule, bad in v["refused"].items():
+        c.eq(f"record refused by rule {rule}", record_problem(bytes.fromhex(bad)), rule)
+
+
 def check_fraud_proof(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> None:
     raw = bytes.fromhex(v["proof_hex"])
     proof = from_typed(v["proof"])
@@ -568,6 +614,7 @@ def check_fraud_proof(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> Non
     c.eq("proof limits", v["limits"], {"domain": PROOF_DOMAIN, "v": 1, "max_proof_bytes": MAX_PROOF_BYTES})
     for rule, bad in v["refused"].items():
         c.eq(f"proof refused by rule {rule}", proof_problem(bytes.fromhex(bad)), rule)
+    check_proof_record(c, v["record"], v["proof_hex"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -352,6 +352,46 @@ def fraud_vectors(sm: manifest.SignedManifest) -> dict[str, Any]:
         "tokens": tokens,
         "refused": {rule: bad.hex() for rule, bad in refused.items()},
         "limits": {"domain": fraud.PROOF_DOMAIN, "v": fraud.FORMAT_VERSION, "max_proof_bytes": fraud.MAX_PROOF_BYTES},
+        "record": record_vectors(raw, refused["chain"]),
+    }
+
+
+def record_vectors(proof: bytes, chain_refused: bytes) -> dict[str, Any]:
+    """The signed DHT record around the vector proof (docs/audits.md, "The proof record"), by the
+    payee test key (Ed25519 signatures are deterministic), and records each envelope rule refuses."""
+    author = Ed25519PrivateKey.from_private_bytes(PAYEE_PRIVATE_KEY)
+    raw = fraud.sign_record(author, proof)
+    assert fraud.open_record(raw).proof.raw == proof
+    d = canonical.decode(raw)
+    body = {k: x for k, x in d.items() if k != "sig"}
+    other = identity.public_bytes(Ed25519PrivateKey.from_private_bytes(TEST_PRIVATE_KEY))
+    # a well-signed record around a proof its own rules refuse: the proof's rule names the refusal
+    inner_bad = {**body, "proof": chain_refused}
+    sig = author.sign(fraud.RECORD_SIG_DOMAIN + canonical.encode(inner_bad))
+    inner_bad = canonical.encode({**inner_bad, "sig": sig})
+    refused = {
+        "record_encoding": b"\xc1",
+        "record_fields": proof,
+        "record_version": canonical.encode({**d, "v": 2}),
+        "record_sig": canonical.encode({**d, "author": other}),
+        "chain": inner_bad,
+    }
+    for rule, bad in refused.items():
+        try:
+            fraud.open_record(bad)
+        except fraud.ProofError as exc:
+            assert exc.rule == rule, (rule, exc.rule)
+        else:
+            raise AssertionError(f"kvnet accepted the {rule} record vector")
+    return {
+        "author_private_key": PAYEE_PRIVATE_KEY.hex(),
+        "signing_bytes_hex": (fraud.RECORD_SIG_DOMAIN + canonical.encode(body)).hex(),
+        "record": typed(d),
+        "record_hex": raw.hex(),
+        "refused": {rule: bad.hex() for rule, bad in refused.items()},
+        "limits": {"domain": fraud.RECORD_DOMAIN, "v": fraud.FORMAT_VERSION,
+                   "sig_domain_hex": fraud.RECORD_SIG_DOMAIN.hex(), "max_record_bytes": fraud.MAX_RECORD_BYTES,
+                   "dht_record_max_bytes": 196608},
     }
 
 

@@ -311,17 +311,25 @@ class BackgroundAuditor:
         self.reports: list[AuditReport] = []
         self.errors: list[BaseException] = []
         self._seen: set[bytes] = set()
+        self._busy = 0
         self._queue: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="kvnet-audit", daemon=True)
         self._worker.start()
 
-    def loaded(self, signed: SignedManifest, prompt: Sequence[int]) -> bool:
-        """Queue an audit of `signed` against `prompt` if this is its first load; True if queued."""
-        if signed.id in self._seen:
+    def loaded(self, signed: SignedManifest | bytes, prompt: Sequence[int]) -> bool:
+        """Queue an audit of `signed` (or of the stored manifest with this id: the worker reads it) against
+        `prompt` if this is its first load; True if queued. Never waits for the audit."""
+        mid = signed if isinstance(signed, bytes) else signed.id
+        if mid in self._seen:
             return False
-        self._seen.add(signed.id)
+        self._seen.add(mid)
         self._queue.put((signed, list(prompt)))
         return True
+
+    @property
+    def pending(self) -> int:
+        """Audits queued or running (approximate: the queue also holds drain markers)."""
+        return self._queue.qsize() + self._busy
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued audit is done; False if `timeout` ran out first."""
@@ -342,8 +350,11 @@ class BackgroundAuditor:
                 item.set()
                 continue
             signed, prompt = item
+            self._busy = 1
             try:
                 with Store(self.store_root, read_only=True) as store:
+                    if isinstance(signed, bytes):
+                        signed = store.get_manifest(signed)
                     report = audit(self.engine, signed, prompt,
                                    lambda i, s=store, m=signed.id: s.read_piece(m, i, verify=False),
                                    n_random=self.n_random, rng=self.rng)
@@ -356,5 +367,8 @@ class BackgroundAuditor:
                     if self.on_proof:
                         self.on_proof(fraud.build_proof(signed, b, prompt))
             except Exception as exc:  # noqa: BLE001 - a failed audit must never take the answer down
-                log.warning("audit of %s failed: %s", signed.id.hex()[:16], exc)
+                mid = signed if isinstance(signed, bytes) else signed.id
+                log.warning("audit of %s failed: %s", mid.hex()[:16], exc)
                 self.errors.append(exc)
+            finally:
+                self._busy = 0

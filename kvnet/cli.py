@@ -461,11 +461,18 @@ def generate(
     bootstrap: BootstrapOpt = None,
     as_json: JsonOpt = False,
     log_level: LogLevel = Level.warning,
+    audit_blocks: Annotated[int, typer.Option("--audit-blocks", min=0, help="Audit this many random blocks of "
+                                              "the reused artifact plus its last one, after answering "
+                                              "(docs/audits.md).")] = 1,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not audit the reused artifact.")] = False,
 ):
     """Answer a prompt, reusing the longest stored KV prefix; report cached tokens and time saved.
 
     With --bootstrap, first look for a longer prefix on the network and fetch it (verified); if no
-    peer answers, say so and answer from the local store."""
+    peer answers, say so and answer from the local store. A reused artifact is audited in the
+    background (--audit-blocks, --no-audit); a fraud found refuses it (docs/audits.md)."""
+    from kvnet import fraud
+    from kvnet.cli_audit import GenerateAudit
     from kvnet.reuse import answer
 
     text = read_text(prompt_file)
@@ -476,8 +483,13 @@ def generate(
         prompt = engine.tokenizer.encode(text)
         if not prompt:
             raise _fail("the prompt is empty")
+        if node is not None:  # a /kvf/ proof found before using a fetched artifact is verified with this model
+            node.proof_verifier = lambda raw: fraud.verify_stored(raw, engine, store.root)
         network = _fetch_prefix(node, engine.model_id, prompt) if node is not None else None
         ans = answer(engine, store, prompt, max_new_tokens)
+    auditing = GenerateAudit(engine, home, audit_blocks) if ans.manifest_id and not no_audit else None
+    if auditing:
+        auditing.loaded(ans.manifest_id, prompt)  # runs on its own thread: the answer does not wait
     full = None
     if baseline and ans.cached_tokens:
         t0 = time.perf_counter()
@@ -490,7 +502,7 @@ def generate(
                     "timings": {"load_s": round(ans.load_s, 4), "prefill_s": round(ans.prefill_s, 4),
                                 "generate_s": round(ans.generate_s, 4),
                                 "full_prefill_s": round(full, 4) if full is not None else None},
-                    "network": network})
+                    "network": network, "audit": "queued" if auditing else "off"})
     else:
         print(ans.text)  # plain: the model's text is not rich markup
     console.print(f"prompt_tokens {ans.prompt_tokens}  cached_tokens {ans.cached_tokens}  "
@@ -500,6 +512,8 @@ def generate(
     if full is not None:
         console.print(f"full prefill would take {full:.3f} s: saved {full - ans.load_s - ans.prefill_s:.3f} s "
                       f"({full / max(ans.load_s + ans.prefill_s, 1e-9):.1f}x faster to first token)", highlight=False)
+    if auditing:
+        auditing.finish()  # after the answer is out
 
 
 # -- the network -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ KvnetError raised here becomes one `error:` line there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -202,3 +203,59 @@ def verify(
     out.print(f"proof valid: block {proof.block} of {proof.manifest_id.hex()} is not the KV of its tokens "
               f"(rel {v.rel:.3g} > tolerance {v.tolerance:.3g}); publisher {summary['publisher']}",
               highlight=False)
+
+
+# -- the node policy in `kvnet generate` (kvnet/cli.py) ------------------------------------------------
+
+
+class GenerateAudit:
+    """`kvnet generate`'s audit of the prefix it loaded (docs/audits.md, "The node policy").
+
+    `loaded` queues the audit on the BackgroundAuditor's thread and returns at once, so the answer is
+    printed without waiting; `finish` waits for it (after the answer), then acts on a fraud found: the
+    proof is written to <home>/proofs/ (a `kvnet serve` or kvnet-node on this home signs it and puts it
+    in the DHT), the manifest is refused (kvnet.refusals: persisted, its publisher scored down) and
+    removed from the store. One line on stderr says what the audit found."""
+
+    def __init__(self, engine: Any, home: Path, blocks: int) -> None:
+        from kvnet.audit import BackgroundAuditor
+
+        self.home, self.proofs = home, []
+        self.auditor = BackgroundAuditor(engine, home / "store", n_random=blocks, on_proof=self.proofs.append)
+
+    def loaded(self, manifest_id: bytes, prompt: list[int]) -> None:
+        self.auditor.loaded(manifest_id, prompt)
+
+    def finish(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the audit, act on its proofs; a summary for the JSON answer."""
+        done = self.auditor.drain(timeout)
+        self.auditor.close()
+        refused = [self._refuse(raw) for raw in self.proofs]
+        for r in self.auditor.reports:
+            bad = [b.block for b in r.failed]
+            verdict = f"FAILED blocks {bad}" if bad else "passed"
+            console.print(f"audit of {r.manifest_id.hex()[:16]}: blocks {[b.block for b in r.blocks]} {verdict}"
+                          f" (worst rel {max((b.rel for b in r.blocks), default=0.0):.3g})", markup=False,
+                          highlight=False)
+        for exc in self.auditor.errors:
+            console.print(f"audit could not run: {exc}", markup=False, highlight=False)
+        for path in refused:
+            console.print(f"artifact refused; fraud proof written to {path}", markup=False, highlight=False)
+        return {"done": done, "reports": [r.to_json() for r in self.auditor.reports],
+                "errors": [str(e) for e in self.auditor.errors], "proofs": [str(p) for p in refused]}
+
+    def _refuse(self, raw: bytes) -> Path:
+        from kvnet import fraud
+        from kvnet.refusals import FILENAME, Refusals
+        from kvnet.store import NotFoundError, Store
+
+        proof = fraud.check_proof(raw)
+        path = fraud.write_proof(self.home / "proofs", raw)
+        refusals = Refusals(self.home / FILENAME)
+        try:
+            refusals.refuse(proof.manifest_id, proof.signed.manifest.publisher, proof.id, proof.block)
+        finally:
+            refusals.close()
+        with Store(self.home / "store") as store, contextlib.suppress(NotFoundError):
+            store.delete(proof.manifest_id, force=True)
+        return path

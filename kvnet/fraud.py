@@ -15,13 +15,14 @@ producer's model and compute profile. Each rejection is a `ProofError` whose `ru
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvnet import canonical, chain
+from kvnet import canonical, chain, identity
 from kvnet.errors import KvnetError
 from kvnet.hashing import b3
 from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest, parse
@@ -29,11 +30,13 @@ from kvnet.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest, pa
 if TYPE_CHECKING:
     from kvnet.audit import BlockAudit
     from kvnet.engine import Engine
+    from kvnet.refusals import Refusals
     from kvnet.store import Store
 
-__all__ = ["FORMAT_VERSION", "MAX_PROOF_BYTES", "PROOF_DOMAIN", "RULES", "FraudProof", "ProofError",
-           "VerifiedProof", "build_proof", "check_proof", "decode_tokens", "encode_tokens", "pieces_reader",
-           "refuse", "verify_proof"]
+__all__ = ["FORMAT_VERSION", "JUDGED_RULES", "MAX_PROOF_BYTES", "MAX_RECORD_BYTES", "PROOF_DOMAIN", "RECORD_DOMAIN",
+           "RECORD_RULES", "RECORD_SIG_DOMAIN", "RULES", "FraudProof", "ProofError", "ProofRecord", "VerifiedProof",
+           "build_proof", "check_proof", "decode_tokens", "encode_tokens", "open_record", "pieces_reader", "refuse",
+           "sign_record", "verify_proof", "verify_stored", "write_proof"]
 
 PROOF_DOMAIN = "kvnet/fraud-proof"
 FORMAT_VERSION = 1
@@ -44,6 +47,18 @@ FIELDS = frozenset({"domain", "v", "manifest", "block", "tokens", "recomputed"})
 # Every rule a proof can fail, in the order they are checked (docs/audits.md, "Verifying a proof").
 RULES = ("size", "encoding", "fields", "version", "manifest", "block", "tokens", "chain", "hashes",
          "model", "profile", "pieces", "recompute", "honest")
+
+# The rules whose failure proves the proof false (its author lied or erred), as opposed to "this verifier
+# cannot judge it" (another model or profile, pieces it lacks): only these cost the author (docs/audits.md).
+JUDGED_RULES = frozenset({"recompute", "honest"})
+
+# -- the signed record that carries a proof on the DHT (docs/audits.md, "The proof record") -------------
+RECORD_DOMAIN = "kvnet/fraud-proof-record"
+RECORD_SIG_DOMAIN = b"kvnet/fraud-proof-record/v1\x00"
+RECORD_FIELDS = frozenset({"domain", "v", "author", "proof", "sig"})
+MAX_RECORD_BYTES = MAX_PROOF_BYTES + 1024  # the largest proof plus the envelope (author, sig, field names)
+# The envelope's rules, checked before the proof's own RULES (docs/audits.md, "The proof record").
+RECORD_RULES = ("record_size", "record_encoding", "record_fields", "record_version", "record_sig")
 
 ReadPiece = Callable[[int], bytes | bytearray]
 
@@ -183,11 +198,12 @@ def verify_proof(raw: bytes, engine: Engine, read_piece: ReadPiece) -> VerifiedP
     return VerifiedProof(proof, result.max_abs, result.rel, result.tolerance, result.first_layer)
 
 
-def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
+def refuse(store: Store, engine: Engine, raw: bytes, refusals: Refusals | None = None) -> VerifiedProof:
     """Verify a proof received from anyone against the pieces `store` holds, then stop using and
     serving the manifest it accuses: it is removed from the store (pinned or not; a node announces
-    only what its store holds). A proof that fails any rule changes nothing (ProofError): a false
-    accusation costs the publisher nothing."""
+    only what its store holds) and, with `refusals`, remembered (its publisher scored down) so it is
+    never fetched again. A proof that fails any rule changes nothing (ProofError): a false accusation
+    costs the publisher nothing. (A node does this through kvnet.p2p.proofs, which also blames authors.)"""
     proof = check_proof(raw)
     mid = proof.manifest_id
 
@@ -198,8 +214,88 @@ def refuse(store: Store, engine: Engine, raw: bytes) -> VerifiedProof:
             raise ProofError("pieces", f"the store lacks piece {i} of {mid.hex()[:16]}: {exc}") from exc
 
     verified = verify_proof(raw, engine, read)
+    if refusals is not None:
+        refusals.refuse(mid, proof.signed.manifest.publisher, proof.id, proof.block)
     store.delete(mid, force=True)
     return verified
+
+
+@dataclass(frozen=True)
+class ProofRecord:
+    """A signed proof record whose envelope and model-free proof rules passed (see `open_record`)."""
+
+    author: bytes  # the 32-byte Ed25519 public key that signed it: who pays for a false accusation
+    proof: FraudProof
+    raw: bytes
+
+    @property
+    def manifest_id(self) -> bytes:
+        return self.proof.manifest_id
+
+
+def _record_body(author: bytes, proof: bytes) -> bytes:
+    return canonical.encode({"domain": RECORD_DOMAIN, "v": FORMAT_VERSION, "author": author, "proof": proof})
+
+
+def sign_record(key, proof: bytes) -> bytes:
+    """The DHT record of `proof`, signed by its author's node key (an Ed25519PrivateKey).
+
+    The proof is self-verifying; the signature only names who accuses, so that a proof found false
+    costs its author (scored down, its later proofs ignored), never the publisher it accuses."""
+    check_proof(proof)
+    author = identity.public_bytes(key)
+    sig = key.sign(RECORD_SIG_DOMAIN + _record_body(author, proof))
+    return canonical.encode({"domain": RECORD_DOMAIN, "v": FORMAT_VERSION, "author": author, "proof": proof,
+                             "sig": sig})
+
+
+def open_record(raw: bytes) -> ProofRecord:
+    """Check a proof record: the envelope (RECORD_RULES, in order), then the proof's model-free rules
+    (`check_proof`). Torch-free: the DHT validator runs it. Raises ProofError naming the rule."""
+    _need(len(raw) <= MAX_RECORD_BYTES, "record_size", f"{len(raw)} bytes, limit {MAX_RECORD_BYTES}")
+    try:
+        d = canonical.decode(raw, MAX_RECORD_BYTES)
+    except canonical.CanonicalError as exc:
+        raise ProofError("record_encoding", str(exc)) from exc
+    _need(isinstance(d, dict) and set(d) == RECORD_FIELDS, "record_fields",
+          f"a proof record is a map of exactly {sorted(RECORD_FIELDS)}")
+    types_ok = (isinstance(d["domain"], str) and _is_int(d["v"]) and isinstance(d["author"], bytes)
+                and len(d["author"]) == 32 and isinstance(d["proof"], bytes) and isinstance(d["sig"], bytes))
+    _need(types_ok, "record_fields", "field types: domain str, v int, author bin 32, proof bin, sig bin")
+    _need(d["domain"] == RECORD_DOMAIN and d["v"] == FORMAT_VERSION, "record_version",
+          f"domain {d['domain']!r} v {d['v']}: this verifier reads {RECORD_DOMAIN!r} v {FORMAT_VERSION}")
+    _need(identity.verify(d["author"], d["sig"], RECORD_SIG_DOMAIN + _record_body(d["author"], d["proof"])),
+          "record_sig", "the signature does not verify against the author key")
+    return ProofRecord(d["author"], check_proof(d["proof"]), bytes(raw))
+
+
+def verify_stored(raw: bytes, engine: Engine, store_root: Path) -> VerifiedProof:
+    """`verify_proof` against the pieces a store holds, read through its own read-only connection (safe
+    from any thread: a node's store connection belongs to its store thread)."""
+    from kvnet.store import Store
+
+    proof = check_proof(raw)
+    with Store(Path(store_root), read_only=True) as store:
+        def read(i: int) -> bytes | bytearray:
+            try:
+                return store.read_piece(proof.manifest_id, i, verify=False)
+            except KvnetError as exc:
+                raise ProofError("pieces", f"the store lacks piece {i} of {proof.manifest_id.hex()[:16]}: "
+                                           f"{exc}") from exc
+
+        return verify_proof(raw, engine, read)
+
+
+def write_proof(folder: Path, raw: bytes) -> Path:
+    """Store a proof as `<folder>/<manifest id hex>.<block>.kvproof` (atomically), where the home's node
+    finds it to sign and put in the DHT at every full announcement (kvnet.p2p.proofs)."""
+    proof = check_proof(raw)
+    path = Path(folder) / f"{proof.manifest_id.hex()}.{proof.block}.kvproof"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+    return path
 
 
 def pieces_reader(signed: SignedManifest, source: Path) -> tuple[ReadPiece, Callable[[], None]]:

@@ -182,3 +182,49 @@ def test_the_proof_rules_need_no_torch(proof, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["2", "False"]
+
+
+def test_a_proof_record_names_its_author_and_refuses_forgeries(proof):
+    """The DHT record around a proof (docs/audits.md, "The proof record"): signed by its author, and
+    every envelope rule refuses by name before the proof's own rules run."""
+    author = Ed25519PrivateKey.generate()
+    raw = fraud.sign_record(author, proof)
+    rec = fraud.open_record(raw)
+    assert rec.author == fraud.identity.public_bytes(author) and rec.proof.raw == proof
+    assert rec.manifest_id == fraud.check_proof(proof).manifest_id
+    d = canonical.decode(raw, fraud.MAX_RECORD_BYTES)
+    other = fraud.identity.public_bytes(Ed25519PrivateKey.generate())
+    tampered = canonical.decode(proof, fraud.MAX_PROOF_BYTES)
+    tampered["block"] = 1
+    cases = [
+        ("record_size", b"\x00" * (fraud.MAX_RECORD_BYTES + 1)),
+        ("record_encoding", b"\xc1"),
+        ("record_fields", proof),  # an unsigned proof is not a record
+        ("record_fields", canonical.encode({**d, "author": other[:31]})),
+        ("record_version", canonical.encode({**d, "v": 2})),
+        ("record_sig", canonical.encode({**d, "author": other})),  # another author claims the signature
+        ("record_sig", canonical.encode({**d, "proof": canonical.encode(tampered)})),  # another proof inside
+    ]
+    for rule, bad in cases:
+        with pytest.raises(fraud.ProofError) as err:
+            fraud.open_record(bad)
+        assert err.value.rule == rule
+    with pytest.raises(fraud.ProofError, match=r"\(tokens\)"):
+        fraud.sign_record(author, canonical.encode(tampered))  # a node never signs a malformed proof
+
+
+def test_only_a_judged_rule_proves_a_proof_false(tiny_bf16, tiny_fp32, poisoned, proof):
+    """`recompute` and `honest` prove the author wrong (kvnet.p2p.proofs scores it down); another
+    profile or missing pieces only mean "cannot judge here" (nobody is blamed)."""
+    sm, pieces, doc = poisoned
+    d = canonical.decode(proof, fraud.MAX_PROOF_BYTES)
+    wrong_hashes = canonical.encode({**d, "recomputed": [bytes(32)] * len(d["recomputed"])})
+    with pytest.raises(fraud.ProofError) as err:
+        fraud.verify_proof(wrong_hashes, tiny_bf16, lambda i: pieces[i])
+    assert err.value.rule == "recompute" and err.value.rule in fraud.JUDGED_RULES
+    for engine, read, rule in [(tiny_fp32, lambda i: pieces[i], "model"),
+                               (tiny_bf16, lambda i: (_ for _ in ()).throw(fraud.ProofError("pieces", "gone")),
+                                "pieces")]:
+        with pytest.raises(fraud.ProofError) as err:
+            fraud.verify_proof(proof, engine, read)
+        assert err.value.rule == rule and rule not in fraud.JUDGED_RULES

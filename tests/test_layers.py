@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvnet.chain",),
     ("kvnet.identity", "kvnet.manifest", "kvnet.receipts"),
     ("kvnet.artifact", "kvnet.pieces"),
-    ("kvnet.store", "kvnet.store_index", "kvnet.store_files", "kvnet.store_writer", "kvnet.ledger"),
+    ("kvnet.store", "kvnet.store_index", "kvnet.store_files", "kvnet.store_writer", "kvnet.ledger",
+     "kvnet.refusals"),
     ("kvnet.publish", "kvnet.reuse", "kvnet.exactness", "kvnet.audit", "kvnet.fraud"),
     ("kvnet.p2p.bulk_wire",),  # the bulk path's wire constants: nothing of the p2p machinery below them
     ("kvnet.p2p", "kvnet.p2p.stats"),  # the rest of kvnet.p2p, bulk_server and bulk_client included

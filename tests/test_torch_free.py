@@ -16,7 +16,7 @@ from tests.artifacts import ROOT, serve_process
 
 TORCH_FREE = ["kvnet.store", "kvnet.manifest", "kvnet.pieces", "kvnet.p2p.node", "kvnet.p2p.commands",
               "kvnet.p2p.dht", "kvnet.p2p.fetcher", "kvnet.p2p.server", "kvnet.receipts",
-              "kvnet.ledger"]
+              "kvnet.ledger", "kvnet.refusals", "kvnet.p2p.proofs", "kvnet.fraud"]
 
 
 def test_storage_and_network_modules_import_without_torch():

@@ -87,6 +87,15 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit policy (docs/audits.md): `blocks` random covered blocks plus the last one of every
+    artifact on its first load, in the background."""
+
+    enabled: bool = True
+    blocks: int = 1
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "warning"
     format: str = "text"
@@ -104,6 +113,7 @@ class NodeConfig:
     prices: PricesConfig = field(default_factory=PricesConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def key_path(self) -> Path:
@@ -270,8 +280,14 @@ def _log(raw: Any) -> LogConfig:
                      _choice("log.format", t.get("format", LogConfig.format), LOG_FORMATS))
 
 
+def _audit(raw: Any) -> AuditConfig:
+    t = _table("audit", raw, {"enabled", "blocks"})
+    return AuditConfig(_want("audit.enabled", t.get("enabled", AuditConfig.enabled), bool, "true or false"),
+                       _int("audit.blocks", t.get("blocks", AuditConfig.blocks), 0, 1 << 16))
+
+
 TOP = {"data_dir", "identity_key", "listen", "bootstrap", "store_capacity_mb", "metrics",
-       "model", "prices", "agent", "log"}
+       "model", "prices", "agent", "log", "audit"}
 
 
 def parse(raw: dict[str, Any], base: Path) -> NodeConfig:
@@ -287,6 +303,7 @@ def parse(raw: dict[str, Any], base: Path) -> NodeConfig:
         metrics=_loopback("metrics", t.get("metrics", DEFAULT_METRICS)),
         model=_model(t.get("model", {})), prices=_prices(t.get("prices", {})),
         agent=_agent(t.get("agent", {}), data_dir), log=_log(t.get("log", {})),
+        audit=_audit(t.get("audit", {})),
     )
 
 

@@ -40,6 +40,8 @@ class Metrics:
         self.queue = Gauge("kvnet_generation_queue", "generations queued or running", registry=r)
         self.peers = Gauge("kvnet_peers", "connected libp2p peers", registry=r)
         self.store_bytes = Gauge("kvnet_store_bytes", "bytes of KV held in the store", registry=r)
+        self.audits = Counter("kvnet_audits", "block audits of loaded artifacts by result (passed, failed, "
+                              "error)", ["result"], registry=r)
         self.server: Any = None
         self.address: str | None = None
 

@@ -60,6 +60,7 @@ class Reuse:
     network_error: str | None = None
     load_error: str | None = None  # the stored prefix failed verification when loaded (then prefilled)
     price_paid: int = 0
+    audit: str | None = None  # what loading started (kvnet.daemon.audits): "queued", "audited before", "off"
 
 
 class Generation:
@@ -117,6 +118,9 @@ class Service:
         self.recent_fetches: list[dict[str, Any]] = []
         self.started = time.time()
         self.nursery: trio.Nursery | None = None
+        from kvnet.daemon.audits import DaemonAudits  # audits and fraud proofs (docs/audits.md)
+
+        self.audits = DaemonAudits(cfg, engine, node, metrics)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -230,6 +234,7 @@ class Service:
             log.warning("stored KV %s failed to load, prefilling instead: %s", local.manifest_id.hex()[:16], exc)
             return Reuse(network_error=info.network_error, load_error=str(exc))
         info.load_s = time.perf_counter() - t0
+        info.audit = self.audits.loaded(local.manifest_id, prompt)  # in the background: never waited for
         return info
 
     # -- generation -----------------------------------------------------------------------------
@@ -284,6 +289,7 @@ class Service:
             "prefill_s": round(run.gen.prefill_s or 0.0, 4),
             "prefill_s_saved_estimate": round(self.saved_s(run), 4),
             "price_paid": r.price_paid, "currency": self.cfg.prices.currency,  # kvnet.daemon.payments
+            "audit": r.audit,  # kvnet.daemon.audits
             "network_error": r.network_error, "load_error": r.load_error, "ignored_params": ignored,
             "token_ids": list(run.gen.tokens),
         }
@@ -419,6 +425,7 @@ class Service:
             "metrics": self.metrics.address,
             "estimates": {"prefill_s_per_token": self.prefill_s_per_token,
                           "fetch_bytes_per_s": self.fetch_bytes_per_s},
+            "audits": self.audits.status(),
         }
 
     async def refresh_metrics(self) -> None:

@@ -27,6 +27,8 @@ from kvnet.p2p.fetcher import FetchError, FetchResult
 from kvnet.p2p.node import Found, Node, validate_bootstrap
 from kvnet.p2p.server import HostingTerms
 from kvnet.p2p.stats import STATS_INTERVAL_S, stats_loop
+from kvnet.refusals import FILENAME as refusals_file
+from kvnet.refusals import Refusals
 from kvnet.store import Store, StoreError
 
 T = TypeVar("T")
@@ -44,7 +46,8 @@ def open_node(home: Path, listen: list[str] | None, bootstrap: list[str], timeou
     store = Store(home / "store", capacity_bytes=capacity_bytes)
     return Node(key, store, listen=listen, bootstrap=bootstrap, scores_path=home / "peer-scores.sqlite",
                 timeout=timeout, terms=terms, ledger=Ledger(home / "ledger.sqlite", key),
-                credit_window=credit_window, spending=spending)
+                credit_window=credit_window, spending=spending,
+                refusals=Refusals(home / refusals_file), proofs_dir=home / "proofs")
 
 
 async def serve(node: Node, on_ready: Callable[[Node], None], stats_file: Path | None = None,

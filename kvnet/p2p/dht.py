@@ -113,7 +113,7 @@ class ManifestValidator(Validator):
 # -- fraud proofs (docs/audits.md, "Proofs on the DHT") ----------------------------------------------
 
 PROOF_NS = "kvf"
-PROOF_RECORD_MAX_BYTES = MANIFEST_RECORD_MAX_BYTES  # a proof holds its manifest: bigger ones are not put
+PROOF_RECORD_MAX_BYTES = MANIFEST_RECORD_MAX_BYTES  # a record holds its proof, which holds its manifest
 
 
 def proof_key(mid: bytes) -> str:
@@ -122,9 +122,10 @@ def proof_key(mid: bytes) -> str:
 
 
 class ProofValidator(Validator):
-    """Accept a proof record only if it passes every rule that needs no model (kvnet.fraud.check_proof:
-    encoding, signature of the manifest it holds, the tokens' chain keys) and accuses the manifest its
-    key names. The recomputation needs the producer's model: a node acts on a proof only after
+    """Accept a proof record only if its envelope is signed by its author and its proof passes every
+    rule that needs no model (kvnet.fraud.open_record: encoding, the author's signature, the signature
+    of the manifest the proof holds, the tokens' chain keys), and it accuses the manifest its key
+    names. The recomputation needs the producer's model: a node acts on a proof only after
     `kvnet.fraud.verify_proof`, never on this check alone. Validated records are remembered for a
     short while, like ManifestValidator's, so py-libp2p's second synchronous call is cheap."""
 
@@ -147,7 +148,7 @@ class ProofValidator(Validator):
             if seen is not None and now - seen < self.RECENT_S:
                 return
         try:
-            proof = fraud.check_proof(bytes(value))
+            proof = fraud.open_record(bytes(value))
         except fraud.ProofError as exc:
             raise ValueError(f"proof record rejected: {exc}") from exc
         if proof_key(proof.manifest_id) != key:

@@ -31,7 +31,7 @@ from kvnet import chain
 from kvnet.errors import BootstrapError
 from kvnet.ledger import Ledger, SpendingLimits
 from kvnet.manifest import ManifestError, SignedManifest, parse
-from kvnet.p2p import billing, bulk_wire, wire
+from kvnet.p2p import billing, bulk_wire, proofs, wire
 from kvnet.p2p import dht as kdht
 from kvnet.p2p.bulk_server import BulkServer
 from kvnet.p2p.fetcher import BULK_BATCH, FetchError, FetchResult, Provider, fetch_pieces
@@ -54,6 +54,7 @@ from kvnet.p2p.server import (
     ServeLimits,
     StoreRunner,
 )
+from kvnet.refusals import Refusals
 from kvnet.store import Store
 
 log = logging.getLogger("kvnet.p2p.node")
@@ -166,7 +167,8 @@ class Node:
                  growth_min_interval_s: float = GROWTH_MIN_INTERVAL_S,
                  serve_limits: ServeLimits | None = None, conn_limits: ConnectionLimits | None = None,
                  bulk_listen: int | None = 0, ledger: Ledger | None = None, credit_window: int | None = None,
-                 spending: SpendingLimits | None = None) -> None:
+                 spending: SpendingLimits | None = None, refusals: Refusals | None = None,
+                 proofs_dir: Path | None = None) -> None:
         """`bulk_listen`: the TCP port of the bulk listener (on the IP of the first listen address;
         0 picks a free one), or None to serve no bulk path (fetches from this node then use streams).
         Payments (kvnet.p2p.billing): `ledger` (default: one in memory), `credit_window` in micro-units
@@ -206,6 +208,11 @@ class Node:
                                                 self.store.get_manifest, mid))
         self.payer = billing.Payer(self.ledger, spending)
         self.last_paid: dict[str, int] = {}  # peer -> micro-units signed for hosting in the last fetch
+        # fraud proofs (kvnet.p2p.proofs): refused manifests and blamed keys; this home's own proof files
+        # to put in the DHT; the verifier a process running the model sets (None: proofs are not judged)
+        self.refusals = refusals if refusals is not None else Refusals(None)
+        self.proofs_dir, self.proofs_skipped = proofs_dir, set()
+        self.proof_verifier: proofs.Verifier | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -320,6 +327,8 @@ class Node:
         With `only_new`, keys already announced for this manifest are skipped (a growing partial
         artifact adds one key at a time). Returns the number of provider records sent.
         """
+        if await proofs.purge_if_refused(self, mid):
+            return 0
         sm = await self.runner.call(self.store.get_manifest, mid)
         have = await self.runner.call(self.store.present_pieces, mid)
         done = self._provided.setdefault(mid, set())
@@ -361,6 +370,7 @@ class Node:
             for e in entries:
                 if e.present:
                     sent += await self._announce_one(e.id, only_new=False) or 0
+            await proofs.publish_pending(self)
             return sent
 
     def _forget_except(self, held: set[bytes]) -> None:
@@ -516,6 +526,7 @@ class Node:
         async def ask(info, first_good: trio.Event) -> None:
             async with limiter:
                 got = await self.offers(info.peer_id, key)
+            got = [o for o in got if proofs.admissible(self.refusals, o.signed)]  # refused: not a lie
             ok = [o for o in got if accept(o)]
             if len(ok) < len(got):
                 score = self.scores.bad(info.peer_id.to_base58(), "protocol")
@@ -571,7 +582,8 @@ class Node:
         holds in its background; a fetch-only node (`announce=False`) announces nothing.
         """
         sm = found.signed
-        needed = list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens))
+        record = await proofs.before_fetch(self, sm)  # RefusedError; else the /kvf/ record, if any
+        needed = proofs.needed_pieces(list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens)), record)
         # spending limits and provider choice (price, score, speed), before any byte moves
         pay = self.payer.start(sm, found.providers, sum(sm.manifest.piece_len(i) for i in needed), self.scores)
         await self.runner.call(self.store.put_manifest, sm.raw)
@@ -586,6 +598,7 @@ class Node:
         await pay.settle(self._open, self.timeout)
         self.payer.observed(result)
         self.last_paid = pay.totals()
+        await proofs.after_fetch(self, sm, record)  # a proof that verifies refuses it (RefusedError)
         if self.announcing and self._background is not None:
             self._background.start_soon(self._announce_in_background)
         return result

@@ -106,7 +106,7 @@ def test_the_example_config_parses_and_names_every_field():
     cfg = config.load(example)
     assert cfg.model.ref == "tiny" and cfg.agent.queue_size == config.AgentConfig.queue_size
     text = example.read_text()
-    fields = (set(config.TOP) | {f"{k}" for sub in (config.ModelConfig, config.PricesConfig, config.AgentConfig,
-                                                   config.LogConfig) for k in sub.__dataclass_fields__})
+    tables = (config.ModelConfig, config.PricesConfig, config.AgentConfig, config.LogConfig, config.AuditConfig)
+    fields = set(config.TOP) | {f"{k}" for sub in tables for k in sub.__dataclass_fields__}
     missing = [f for f in sorted(fields) if f"{f} =" not in text and f"[{f}]" not in text]
     assert missing == [], f"document these in node/kvnet-node.toml: {missing}"
