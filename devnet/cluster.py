@@ -76,12 +76,15 @@ class DevNode:
 
 
 def write_config(dir_: Path, model: str = "tiny", dtype: str = "fp32", bootstrap: list[str] | None = None,
-                 agent: dict | None = None, extra: str = "", log_format: str = "text", fee_per_mib: int = 0) -> Path:
-    """<dir_>/node.toml for a loopback node; `extra`: more top-level TOML lines (tests)."""
+                 agent: dict | None = None, extra: str = "", log_format: str = "text",
+                 fee_per_mib: int | None = None) -> Path:
+    """<dir_>/node.toml for a loopback node; `extra`: more TOML lines before [model] (tests; a [prices]
+    table there needs `fee_per_mib` None); `fee_per_mib`: a [prices] table with that hosting fee."""
     lines = [f'data_dir = "{dir_ / "data"}"', 'listen = ["/ip4/127.0.0.1/tcp/0"]', 'metrics = "127.0.0.1:0"',
              *([f"bootstrap = {json.dumps(bootstrap)}"] if bootstrap else []), extra,
              "[model]", f'ref = "{model}"', f'dtype = "{dtype}"',
-             "[log]", 'level = "info"', f'format = "{log_format}"', "[prices]", f"host_fee_per_mib = {fee_per_mib}",
+             "[log]", 'level = "info"', f'format = "{log_format}"',
+             *(["[prices]", f"host_fee_per_mib = {fee_per_mib}"] if fee_per_mib is not None else []),
              "[agent]", *(f"{k} = {json.dumps(v)}" for k, v in (agent or {}).items())]
     path = dir_ / "node.toml"
     dir_.mkdir(parents=True, exist_ok=True)
