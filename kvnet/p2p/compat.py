@@ -199,7 +199,8 @@ apply()
 
 
 # -- 4. swarm: inbound slots freed on close, per-address limits, idle close, one inbound connection
-#       per peer, streams capped per connection (peers over a cap reported), no auto-dialing ------
+#       per peer, streams capped per connection (peers over a cap reported), no auto-dialing, closed
+#       connections unregistered before a new stream ------------------------------------------------
 
 import contextlib  # noqa: E402 - this section's own imports
 import inspect  # noqa: E402
@@ -535,10 +536,40 @@ def disable_auto_connect(swarm: Any) -> None:
     swarm.auto_connector.start = _auto_connector_stays_stopped
 
 
+_UPSTREAM_NEW_STREAM = _swarm.Swarm.new_stream
+
+
+def prune_closed_connections(swarm: Any, peer_id: Any) -> int:
+    """Unregister `peer_id`'s connections that are closed but still registered; how many were.
+
+    Why: py-libp2p 0.8.1's `Swarm.new_stream` dials only when `get_connections(peer)` is empty, then
+    filters out closed connections and raises "No valid connections available" if none is left. A
+    connection whose close was cut short between closing its muxer and unregistering it (upstream's
+    `SwarmConn.close` order, docs/upstream.md section 11) stays registered and closed for good, so every
+    later stream to that peer failed without a dial: in a 5-node devnet an agent lost its only honest
+    provider that way in about half the runs. Unregistering them (upstream's own `remove_conn`, which
+    does not close anything) lets `new_stream` dial afresh. Relies on (0.8.1): `get_connections(peer)`,
+    `SwarmConn.is_closed` and `Swarm.remove_conn(swarm_conn)`.
+    """
+    stale = [c for c in swarm.get_connections(peer_id) if getattr(c, "is_closed", False)]
+    for conn in stale:
+        swarm.remove_conn(conn)
+    return len(stale)
+
+
+async def new_stream_pruning_closed(self: Any, peer_id: Any) -> Any:
+    """Replacement for `Swarm.new_stream`: closed connections of the peer are unregistered first
+    (prune_closed_connections), so a new one is dialled; otherwise upstream's `new_stream`."""
+    if prune_closed_connections(self, peer_id):
+        _swarm.logger.debug("unregistered closed connections to %s before a new stream", peer_id)
+    return await _UPSTREAM_NEW_STREAM(self, peer_id)
+
+
 def apply_swarm_patches() -> None:
     """Install section 4's module-level patches (idempotent)."""
     _swarm.Swarm._do_handle_inbound_connection = handle_inbound_until_closed
     _swarm_conn.SwarmConn._handle_muxed_stream = handle_stream_capped
+    _swarm.Swarm.new_stream = new_stream_pruning_closed
 
 
 apply_swarm_patches()

@@ -181,3 +181,46 @@ def test_a_yamux_receive_window_grows_to_16_mib():
     from libp2p.stream_muxer.yamux import yamux
 
     assert yamux.MAX_WINDOW_SIZE == 16 * 1024 * 1024
+
+
+# -- closed connections unregistered before a new stream (compat section 4) ------------------------
+
+
+async def _stale_connection(client, server) -> object:
+    """Leave `client` with a closed connection to `server` still registered: the end state of a close
+    cut short between closing the muxer and unregistering (docs/upstream.md section 11)."""
+    swarm = client.get_network()
+    await client.connect(PeerInfo(server.get_id(), server.get_addrs()))
+    [conn] = swarm.get_connections(server.get_id())
+    await client.disconnect(server.get_id())
+    with trio.fail_after(10):
+        while swarm.get_connections(server.get_id()):
+            await trio.sleep(0.01)
+    assert conn.is_closed
+    swarm.connections[server.get_id()] = [conn]  # what the cut-short close leaves behind
+    return conn
+
+
+@pytest.mark.trio
+async def test_a_closed_registered_connection_is_replaced_by_a_new_dial():
+    """Upstream's new_stream fails for good on such a peer ("No valid connections"); the patched one
+    unregisters the closed connection, dials, and the stream works."""
+    server, client = make_host(Ed25519PrivateKey.generate()), make_host(Ed25519PrivateKey.generate())
+
+    async def echo(stream) -> None:
+        await stream.write(await stream.read(2))
+        await stream.close()
+
+    async with running(server, ["/ip4/127.0.0.1/tcp/0"]), running(client, ["/ip4/127.0.0.1/tcp/0"]):
+        server.set_stream_handler("/kvnet/test/1", echo)
+        swarm = client.get_network()
+        assert swarm_module.Swarm.new_stream is compat.new_stream_pruning_closed
+        stale = await _stale_connection(client, server)
+        with pytest.raises(swarm_module.SwarmException, match="No valid connections"):
+            await compat._UPSTREAM_NEW_STREAM(swarm, server.get_id())  # the bug, pinned
+        with trio.fail_after(10):
+            stream = await client.new_stream(server.get_id(), ["/kvnet/test/1"])
+            await stream.write(b"hi")
+            assert await stream.read(2) == b"hi"
+        assert stale not in swarm.get_connections(server.get_id())
+        assert all(not c.is_closed for c in swarm.get_connections(server.get_id()))
