@@ -39,7 +39,7 @@ from kvnet.receipts import Channel, Line, ReceiptError, SignedReceipt, hosting_c
 __all__ = [
     "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
     "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
-    "rank_by_price", "receipts_field", "peer_key", "default_window",
+    "rank_by_price", "receipts_field", "peer_key", "default_window", "MAX_ACCOUNTS", "MAX_SPEEDS",
 ]
 
 log = logging.getLogger("kvnet.p2p.billing")
@@ -51,6 +51,8 @@ COLLECT_PAGE = 256  # receipts per `collect` answer (256 x 8 KiB = 2 MiB, below 
 PRICE_SLACK = 1.5  # providers whose price index is within this factor of the best one are used
 RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price index 20% worse
 RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
+MAX_ACCOUNTS = 4096  # payer accounts a payee keeps in memory; then settled ones are dropped, else `busy`
+MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten first)
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
@@ -101,14 +103,21 @@ class _Debt:
     paid: int = 0
     open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
 
+    def settled(self) -> bool:
+        """Nothing open and nothing owed: dropping the account forgets nothing the payee is owed."""
+        return self.open == 0 and self.granted <= self.paid
+
 
 class Biller:
     """The payee's side: takes receipts, keeps each payer within the credit window."""
 
     def __init__(self, ledger: Ledger, fee_per_mib: int, currency: str, window: int | None = None,
-                 get_manifest: Callable[[bytes], Awaitable[SignedManifest]] | None = None) -> None:
+                 get_manifest: Callable[[bytes], Awaitable[SignedManifest]] | None = None,
+                 max_accounts: int = MAX_ACCOUNTS) -> None:
         """`window`: the credit window in micro-units (None: `default_window(fee_per_mib)`);
-        `get_manifest(id)` looks up a manifest a license receipt on `/kvnet/receipts/1.0.0` names."""
+        `get_manifest(id)` looks up a manifest a license receipt on `/kvnet/receipts/1.0.0` names;
+        `max_accounts`: how many payer accounts it keeps in memory (`_debt`)."""
+        self.max_accounts = max_accounts
         self.ledger = ledger
         self.fee_per_mib, self.currency = fee_per_mib, currency
         self.window = default_window(fee_per_mib) if window is None else window
@@ -125,7 +134,22 @@ class Biller:
         return self.ledger.me
 
     def _debt(self, payer: bytes) -> _Debt:
-        return self._debts.setdefault(payer, _Debt())
+        """`payer`'s account, opened if new. Identities are free, so the table is bounded: when it holds
+        MAX_ACCOUNTS, the settled accounts are dropped (nothing open, nothing owed: a later request
+        from that payer starts afresh, as after a restart); if none is settled, a new payer is refused
+        `busy` and no other payer's account is touched. Call with the lock held."""
+        debt = self._debts.get(payer)
+        if debt is not None:
+            return debt
+        if len(self._debts) >= self.max_accounts:
+            for key in [k for k, d in self._debts.items() if d.settled()]:
+                del self._debts[key]
+            if len(self._debts) >= self.max_accounts:
+                self._count("busy")
+                raise wire.WireError("busy", f"this host keeps at most {self.max_accounts} payer accounts, "
+                                             "none of them settled: try again later")
+        debt = self._debts[payer] = _Debt()
+        return debt
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await trio.to_thread.run_sync(lambda: fn(*args, **kw), limiter=self._db)
@@ -197,13 +221,16 @@ class Biller:
             if raw or self.fee_per_mib:
                 raise wire.WireError("malformed", "this peer id carries no Ed25519 key to pay or be paid with")
             return
+        if self.fee_per_mib:
+            with self._lock:  # before its receipts are taken: a refused new payer leaves no trace
+                self._debt(payer)
         paid_now = 0
         for r in raw:
             paid_now += await self.take(payer, r, sm)
         if self.fee_per_mib == 0:
             return
-        debt = self._debt(payer)
         with self._lock:
+            debt = self._debt(payer)  # may have been dropped as settled meanwhile: then a fresh one
             debt.paid += paid_now
             owed = hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib)
             idle = debt.open == 0
@@ -235,7 +262,9 @@ class Biller:
         if payer is None or self.fee_per_mib == 0:
             return
         with self._lock:
-            d = self._debt(payer)
+            d = self._debts.get(payer)
+            if d is None:  # cannot happen while a request is open (an open account is never dropped)
+                return
             d.open = max(0, d.open - granted)
             d.granted = max(0, d.granted - unsent)
 
@@ -261,8 +290,10 @@ class Biller:
             paid = 0
             for r in raw:
                 paid += await self.take(payer, r, None)
-            with self._lock:
-                self._debt(payer).paid += paid
+            with self._lock:  # a payer with no account here owes nothing in memory: its receipts are stored
+                d = self._debts.get(payer)
+                if d is not None:
+                    d.paid += paid
             return {"v": wire.PROTOCOL_VERSION, "ok": True}
         if op == "collect":
             unknown = set(req) - {"v", "op", "publisher", "after"}
@@ -401,7 +432,10 @@ class Payer:
             return
         for peer, st in result.providers.items():
             if st.get("bytes") and not st.get("dropped"):
+                self.speeds.pop(peer, None)  # re-inserted last: the dict is oldest-first
                 self.speeds[peer] = st["bytes"] / 1e6 / result.seconds
+        while len(self.speeds) > MAX_SPEEDS:  # providers are whoever announced: keep the table bounded
+            del self.speeds[next(iter(self.speeds))]
 
 
 class FetchPayments:
