@@ -40,6 +40,7 @@ __all__ = [
     "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
     "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
     "rank_by_price", "receipts_field", "peer_key", "default_window", "MAX_ACCOUNTS", "MAX_SPEEDS",
+    "PAY_EVERY",
 ]
 
 log = logging.getLogger("kvnet.p2p.billing")
@@ -53,6 +54,7 @@ RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price in
 RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
 MAX_ACCOUNTS = 4096  # payer accounts a payee keeps in memory; then settled ones are dropped, else `busy`
 MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten first)
+PAY_EVERY = 16 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
@@ -102,6 +104,7 @@ class _Debt:
     granted: int = 0
     paid: int = 0
     open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
+    warned: bool = False  # answered `payment_required` and paid nothing since
 
     def settled(self) -> bool:
         """Nothing open and nothing owed: dropping the account forgets nothing the payee is owed."""
@@ -124,6 +127,8 @@ class Biller:
         self.get_manifest = get_manifest
         self.accepted = 0  # receipts accepted (tests, stats)
         self.refusals: dict[str, int] = {}  # payment_required / debtor / receipt_refused -> count
+        self.pays = 0  # `pay` messages taken (receipts that came without a request)
+        self.peak_owed = 0  # the most any payer owed right after a grant, granted and unpaid included
         self._debts: dict[bytes, _Debt] = {}
         self._lock = threading.Lock()  # bulk listener threads give back unsent bytes
         self._db = trio.CapacityLimiter(1)
@@ -175,7 +180,13 @@ class Biller:
             self._count("receipt_refused")
             raise _refused(exc, seq, sr.channel_id) from exc
         self.accepted += 1
-        return sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
+        units = sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
+        with self._lock:  # counted at once: a concurrent request of this payer sees it (no await between)
+            d = self._debts.get(payer)
+            if d is not None and units:
+                d.paid += units
+                d.warned = False
+        return units
 
     async def _check_lines(self, sr: SignedReceipt, sm: SignedManifest | None) -> tuple[bytes, str]:
         """Each line priced as quoted: hosting at this node's fee (only in a receipt made out to us),
@@ -211,16 +222,19 @@ class Biller:
         except Exception as exc:  # noqa: BLE001 - unknown manifest: we cannot check the price
             raise ReceiptError("malformed", "a license receipt for a manifest this node does not hold") from exc
 
-    async def admit(self, peer: str, sm: SignedManifest, n_bytes: int, raw: list[bytes]) -> None:
-        """Before a request for `n_bytes` of piece bytes of `sm` is granted: take its receipts
-        (durably), then grant it if the payer is within the credit window, else raise WireError
-        `payment_required` (it paid something, not enough yet) or `debtor` (it paid nothing: it is
-        recorded as a debtor, refused until a receipt raises what it paid)."""
+    async def admit(self, peer: str, sm: SignedManifest, sizes: Sequence[int], raw: list[bytes]) -> int:
+        """Before a request for pieces of `sm` (their byte sizes in request order) is granted: take its
+        receipts (durably), then grant the longest prefix of the pieces that keeps what the payer owes,
+        what it was granted and not yet paid included, within the credit window (at least one piece
+        while it owes at most the window: a window smaller than a piece still serves); how many
+        pieces. Over the window raise WireError `payment_required` (it paid something, not enough
+        yet) or `debtor` (it paid nothing: it is recorded as a debtor, refused until a receipt raises
+        what it paid)."""
         payer = peer_key(peer)
         if payer is None:
             if raw or self.fee_per_mib:
                 raise wire.WireError("malformed", "this peer id carries no Ed25519 key to pay or be paid with")
-            return
+            return len(sizes)
         if self.fee_per_mib:
             with self._lock:  # before its receipts are taken: a refused new payer leaves no trace
                 self._debt(payer)
@@ -228,15 +242,17 @@ class Biller:
         for r in raw:
             paid_now += await self.take(payer, r, sm)
         if self.fee_per_mib == 0:
-            return
+            return len(sizes)
         with self._lock:
             debt = self._debt(payer)  # may have been dropped as settled meanwhile: then a fresh one
-            debt.paid += paid_now
-            owed = hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib)
+            unpaid = max(0, debt.granted - debt.paid)
+            owed = hosting_cost(unpaid, self.fee_per_mib)
             idle = debt.open == 0
         debtor = self.ledger.is_debtor(payer)
-        if debtor or owed >= self.window:
-            if debtor or (paid_now == 0 and idle):  # it has all it was granted, over the window, and pays nothing
+        if debtor or owed > self.window:
+            # everything it was granted was sent, it was told to pay, and it asks again paying nothing
+            # (once is not enough: the last grant may still be on its way to it when it asks)
+            if debtor or (paid_now == 0 and idle and debt.warned):
                 if not debtor:
                     await self._call(self.ledger.mark_debtor, payer, self.currency,
                                      self.ledger.paid_by(payer, self.currency) + 1,
@@ -244,13 +260,29 @@ class Biller:
                 self._count("debtor")
                 raise wire.WireError("debtor", f"{owed} owed, over the credit window of {self.window}: "
                                                "refused until a receipt pays for what was delivered")
-            if owed >= self.window:
-                self._count("payment_required")
-                raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
-                                                         "the next request must pay for what was delivered")
+            self._count("payment_required")
+            debt.warned = True
+            raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
+                                                     "the next request must pay for what was delivered")
+        k = self._fits(unpaid, sizes)
         with self._lock:
-            debt.granted += n_bytes
-            debt.open += n_bytes
+            debt.granted += sum(sizes[:k])
+            debt.open += sum(sizes[:k])
+            self.peak_owed = max(self.peak_owed, hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib))
+        return k
+
+    def _fits(self, unpaid: int, sizes: Sequence[int]) -> int:
+        """How many of `sizes` (a prefix) keep the cost of `unpaid` plus them within the window; at
+        least one (the caller checked that `unpaid` alone costs at most the window). The one piece
+        past the window keeps a payer going that owes exactly the window for bytes it never got (sent
+        to it before it crashed): it pays for each piece it verifies, one request at a time."""
+        k = 0
+        for n in sizes:
+            if k and hosting_cost(unpaid + n, self.fee_per_mib) > self.window:
+                break
+            unpaid += n
+            k += 1
+        return k
 
     def _count(self, code: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
@@ -287,13 +319,9 @@ class Biller:
             raw = receipts_field(req)
             if payer is None or not raw:
                 raise wire.WireError("malformed", "pay carries 1..4 receipts from a peer with an Ed25519 key")
-            paid = 0
-            for r in raw:
-                paid += await self.take(payer, r, None)
-            with self._lock:  # a payer with no account here owes nothing in memory: its receipts are stored
-                d = self._debts.get(payer)
-                if d is not None:
-                    d.paid += paid
+            for r in raw:  # counted in the payer's account, if it has one (else its receipts are just stored)
+                await self.take(payer, r, None)
+            self.pays += 1
             return {"v": wire.PROTOCOL_VERSION, "ok": True}
         if op == "collect":
             unknown = set(req) - {"v", "op", "publisher", "after"}
@@ -364,6 +392,8 @@ class _Account:
     unsent: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (channel, seq) -> raw, unacknowledged
     paid: int = 0  # micro-units signed to it in this fetch
     resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
+    urgent: bool = False  # the host is at its credit window (a short grant): pay what verified at once
+    retried: bool = False  # asked again once with nothing to pay since the host last served us
 
 
 class Payer:
@@ -452,13 +482,71 @@ class FetchPayments:
         self.license_sent = sm.manifest.terms.price_per_load == 0
         self.lock = trio.Lock()  # receipts are signed one at a time, in sequence order
         self._unpaid_lock = threading.Lock()  # `verified` runs in receiving threads, `attach` in trio
+        self._due = trio.Event()  # something is due for `pay_along`
+        self._token: trio.lowlevel.TrioToken | None = None  # while `pay_along` runs
 
     def verified(self, peer: str, n: int) -> None:
-        """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee."""
+        """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee. Once
+        PAY_EVERY bytes are unpaid (or any, for a host at its window), `pay_along` pays them."""
         acct = self.accounts.get(peer)
         if acct is not None and acct.fee > 0:
             with self._unpaid_lock:  # called from the bulk receiving threads too
                 acct.unpaid += n
+                due = acct.unpaid >= PAY_EVERY or acct.urgent
+            if due:
+                self._signal()
+
+    def at_window(self, peer: str) -> None:
+        """`peer` granted fewer pieces than asked: it is at its credit window, so every verified byte
+        from it is paid at once (over `pay`) instead of waiting for PAY_EVERY or the next request."""
+        acct = self.accounts.get(peer)
+        if acct is not None and acct.fee > 0:
+            acct.urgent = True
+            self._signal()
+
+    def _signal(self) -> None:
+        """Wake `pay_along` (from any thread)."""
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._due.set()
+
+    async def pay_along(self, open_stream: Callable[[str, str], Awaitable[Any]], timeout: float,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """While the fetch runs (in its nursery, cancelled with it): pay each host over
+        `/kvnet/receipts/1.0.0` as verified bytes accumulate, so a streaming fetch does not stall on
+        the host's credit window waiting for its next request to carry the payment. Never raises:
+        a failed payment is recorded and goes with the next request or `settle`."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._due.set()  # what verified before it started
+        task_status.started()
+        try:
+            while True:
+                await self._due.wait()
+                self._due = trio.Event()
+                for acct in list(self.accounts.values()):
+                    if acct.unpaid >= PAY_EVERY or (acct.urgent and acct.unpaid > 0):
+                        acct.urgent = False
+                        await self._pay_now(acct, open_stream, timeout)
+        finally:
+            self._token = None
+
+    async def _pay_now(self, acct: _Account, open_stream: Callable[[str, str], Awaitable[Any]],
+                       timeout: float) -> None:
+        try:
+            raw = await self.attach(acct.peer)
+            if not raw:
+                return
+            with trio.fail_after(timeout):
+                answer = await _ask(open_stream, acct.peer, {"v": wire.PROTOCOL_VERSION, "op": "pay", "receipt": raw})
+            if "err" in answer:
+                await self.refused(acct.peer, answer, raw)
+            self.acknowledged(acct.peer, raw)
+        except Exception as exc:  # noqa: BLE001 - recorded; resent with the next request or at the end
+            log.info("paying %s along the fetch failed: %r", acct.peer, exc)
 
     async def attach(self, peer: str) -> list[bytes] | None:
         """The `receipt` field of the next request to `peer`: its unacknowledged receipts, after signing
@@ -467,6 +555,13 @@ class FetchPayments:
         acct = self.accounts.get(peer)
         if acct is None:
             return None
+        with _uncancelled():  # a receipt signed is recorded here too, cancelled or not
+            await self._sign_due(acct)
+        if not acct.unsent:
+            return None
+        return [acct.unsent[k] for k in sorted(acct.unsent)[:MAX_RECEIPTS_PER_REQUEST]]
+
+    async def _sign_due(self, acct: _Account) -> None:
         async with self.lock:
             if not self.license_sent:
                 terms = self.sm.manifest.terms
@@ -485,13 +580,13 @@ class FetchPayments:
                 sr = await self.payer.call(self.payer.ledger.pay, acct.channel, [line])
                 acct.unsent[(acct.channel.id, sr.receipt.seq)] = sr.raw
                 acct.paid += line.amount
-        if not acct.unsent:
-            return None
-        return [acct.unsent[k] for k in sorted(acct.unsent)[:MAX_RECEIPTS_PER_REQUEST]]
 
-    def acknowledged(self, peer: str, sent: list[bytes] | None) -> None:
-        """The host answered a request that carried `sent` with something other than a refusal."""
+    def acknowledged(self, peer: str, sent: list[bytes] | None, served: bool = True) -> None:
+        """The host took the receipts `sent` with a request: it served it (`served`) or refused it
+        for payment (`refused`)."""
         acct = self.accounts.get(peer)
+        if acct is not None and served:
+            acct.retried = False
         if acct is None or not sent:
             return
         done = set(sent)
@@ -503,7 +598,7 @@ class FetchPayments:
         request's receipts, so those are acknowledged (resending them would change nothing)."""
         code = head.get("err")
         if code in ("payment_required", "debtor"):
-            self.acknowledged(peer, sent)
+            self.acknowledged(peer, sent, served=False)
             raise PaymentWait(f"{code}: {head.get('msg', '')}")
         rule = head.get("rule")
         acct = self.accounts.get(peer)
@@ -526,9 +621,15 @@ class FetchPayments:
         nothing more is on its way (it bills more than its offer's fee)."""
         acct = self.accounts.get(peer)
         while True:
-            if acct is not None and (acct.unpaid > 0 or acct.unsent):
+            async with self.lock:  # a receipt being signed is in neither `unpaid` nor `unsent` until it is done
+                due = acct is not None and (acct.unpaid > 0 or bool(acct.unsent))
+            if due:
                 return
             if not in_flight():
+                # once, ask again: a payment over `pay` may have reached the host after it refused
+                if acct is not None and not acct.retried:
+                    acct.retried = True
+                    return
                 raise PayDrop("overbilled", "the host wants payment beyond what it delivered at its offer's fee")
             await changed()
 
@@ -564,6 +665,10 @@ class FetchPayments:
     def totals(self) -> dict[str, int]:
         """peer -> micro-units signed to it for hosting in this fetch."""
         return {a.peer: a.paid for a in self.accounts.values()}
+
+
+def _uncancelled() -> trio.CancelScope:
+    return trio.CancelScope(shield=True)
 
 
 async def _ask(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, req: dict) -> dict:

@@ -77,7 +77,7 @@ async def test_a_full_account_table_drops_settled_payers_and_refuses_new_ones_bu
     open_ = []
     for peer in peers:
         try:
-            await biller.admit(peer, sm, PIECE, [])
+            await biller.admit(peer, sm, [PIECE], [])
             open_.append(peer)
         except wire.WireError as exc:
             assert exc.code == "busy"
@@ -86,5 +86,5 @@ async def test_a_full_account_table_drops_settled_payers_and_refuses_new_ones_bu
     for peer in open_:  # each request ends unsent: nothing owed, all settled
         biller.finished(peer, PIECE, PIECE)
     for peer in peers[-8:]:  # new identities get accounts again
-        await biller.admit(peer, sm, PIECE, [])
+        await biller.admit(peer, sm, [PIECE], [])
     assert len(biller._debts) <= 16
