@@ -473,6 +473,7 @@ PAYMENT_FRAME_KEYS = {  # docs/protocol.md, "Payments on requests" and `/kvnet/r
     "bulk grant answer, part granted": {"v", "host", "port", "token", "fingerprint", "ttl", "granted"},
     "pieces done, part granted": {"done", "granted"},
     "payment_required": {"v", "err", "msg"},
+    "payment_required license": {"v", "err", "msg", "license"},
     "receipt_refused skipped_sequence": {"v", "err", "msg", "rule", "seq", "channel"},
     "receipts pay": {"v", "op", "receipt"},
     "receipts pay answer": {"v", "ok"},

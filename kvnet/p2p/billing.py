@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ __all__ = [
     "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
     "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
     "rank_by_price", "receipts_field", "peer_key", "default_window", "MAX_ACCOUNTS", "MAX_SPEEDS",
-    "PAY_EVERY",
+    "PAY_EVERY", "LICENSE_SHOWN_MAX_AGE_S",
 ]
 
 log = logging.getLogger("kvnet.p2p.billing")
@@ -54,6 +55,8 @@ RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price in
 RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
 MAX_ACCOUNTS = 4096  # payer accounts a payee keeps in memory; then settled ones are dropped, else `busy`
 MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten first)
+LICENSE_SHOWN_MAX_AGE_S = 3600  # a license receipt another host holds licenses a load here if signed this recently
+MAX_SHOWN = 64  # such receipts an account remembers (each licenses one load here)
 PAY_EVERY = 16 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
@@ -105,6 +108,8 @@ class _Debt:
     paid: int = 0
     open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
     warned: bool = False  # answered `payment_required` and paid nothing since
+    licensed: dict[bytes, int] = field(default_factory=dict)  # manifest -> piece bytes its licenses still cover
+    shown: list[bytes] = field(default_factory=list)  # ids of license receipts held elsewhere that licensed a load
 
     def settled(self) -> bool:
         """Nothing open and nothing owed: dropping the account forgets nothing the payee is owed."""
@@ -173,6 +178,8 @@ class Biller:
         except ReceiptError as exc:
             if exc.rule == "replayed":  # a payer resending after a lost answer: already held, nothing new
                 return 0
+            if exc.rule == "skipped_sequence" and self._shown(payer, sr, sm):
+                return 0  # a license receipt another host holds: it licenses this load here too
             seq = None
             if exc.rule == "skipped_sequence":
                 latest = self.ledger.latest(sr.channel_id)
@@ -186,7 +193,35 @@ class Biller:
             if d is not None and units:
                 d.paid += units
                 d.warned = False
+            self._license(d, sr, sm)
         return units
+
+    def _license(self, d: _Debt | None, sr: SignedReceipt, sm: SignedManifest | None) -> None:
+        """Credit the license lines for the request's manifest: each load covers its piece bytes once."""
+        if d is None or sm is None:
+            return
+        loads = sum(ln.units for ln in sr.receipt.lines if ln.kind == "license" and ln.manifest == sm.id)
+        if loads:
+            d.licensed[sm.id] = d.licensed.get(sm.id, 0) + loads * sm.manifest.total_bytes
+
+    def _shown(self, payer: bytes, sr: SignedReceipt, sm: SignedManifest | None) -> bool:
+        """A license-only receipt for the request's manifest that passed every one-receipt rule and its
+        price but continues a channel this host does not hold (the payer pays a load's license once,
+        through its first host, and shows the same receipt to the others): it licenses one load here,
+        if it was signed within LICENSE_SHOWN_MAX_AGE_S and has not licensed one here before (shown
+        again, it is taken as a replay: no refusal, no license)."""
+        r = sr.receipt
+        if (sm is None or not all(ln.kind == "license" and ln.manifest == sm.id for ln in r.lines)
+                or abs(time.time() - r.time) > LICENSE_SHOWN_MAX_AGE_S):
+            return False
+        with self._lock:
+            d = self._debts.get(payer)
+            if d is None:
+                return False
+            if sr.id not in d.shown:  # shown again: like a replay, taken without licensing anything
+                d.shown = [*d.shown[-(MAX_SHOWN - 1):], sr.id]
+                self._license(d, sr, sm)
+        return True
 
     async def _check_lines(self, sr: SignedReceipt, sm: SignedManifest | None) -> tuple[bytes, str]:
         """Each line priced as quoted: hosting at this node's fee (only in a receipt made out to us),
@@ -235,13 +270,19 @@ class Biller:
             if raw or self.fee_per_mib:
                 raise wire.WireError("malformed", "this peer id carries no Ed25519 key to pay or be paid with")
             return len(sizes)
-        if self.fee_per_mib:
+        priced = sm.manifest.terms.price_per_load > 0 and sm.manifest.publisher != payer
+        if self.fee_per_mib or priced:
             with self._lock:  # before its receipts are taken: a refused new payer leaves no trace
                 self._debt(payer)
         paid_now = 0
         for r in raw:
             paid_now += await self.take(payer, r, sm)
+        if priced:
+            sizes = self._licensed(payer, sm, sizes)
         if self.fee_per_mib == 0:
+            if priced:
+                with self._lock:
+                    self._use_license(self._debt(payer), sm, sum(sizes))
             return len(sizes)
         with self._lock:
             debt = self._debt(payer)  # may have been dropped as settled meanwhile: then a fresh one
@@ -266,10 +307,34 @@ class Biller:
                                                      "the next request must pay for what was delivered")
         k = self._fits(unpaid, sizes)
         with self._lock:
+            if priced:
+                self._use_license(debt, sm, sum(sizes[:k]))
             debt.granted += sum(sizes[:k])
             debt.open += sum(sizes[:k])
             self.peak_owed = max(self.peak_owed, hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib))
         return k
+
+    def _licensed(self, payer: bytes, sm: SignedManifest, sizes: Sequence[int]) -> Sequence[int]:
+        """The prefix of `sizes` the payer's licenses for `sm` here still cover (taken from them when
+        granted); with none, `payment_required` naming the license (the first request of a load
+        brings its receipt)."""
+        with self._lock:
+            d = self._debt(payer)
+            left = d.licensed.get(sm.id, 0)
+            k, total = 0, 0
+            while k < len(sizes) and total + sizes[k] <= left:
+                total, k = total + sizes[k], k + 1
+            if k:
+                return sizes[:k]
+        self._count("payment_required")
+        terms = sm.manifest.terms
+        raise wire.WireError("payment_required", f"a license: this manifest costs {terms.price_per_load} "
+                                                 f"{terms.currency} per load, paid to its publisher with a license "
+                                                 "receipt on the first request of the load", license=sm.id)
+
+    @staticmethod
+    def _use_license(d: _Debt, sm: SignedManifest, n: int) -> None:
+        d.licensed[sm.id] = max(0, d.licensed.get(sm.id, 0) - n)
 
     def _fits(self, unpaid: int, sizes: Sequence[int]) -> int:
         """How many of `sizes` (a prefix) keep the cost of `unpaid` plus them within the window; at
@@ -394,6 +459,7 @@ class _Account:
     resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
     urgent: bool = False  # the host is at its credit window (a short grant): pay what verified at once
     retried: bool = False  # asked again once with nothing to pay since the host last served us
+    licensed: bool = False  # the load's license receipt went to it (with the first request)
 
 
 class Payer:
@@ -479,7 +545,11 @@ class FetchPayments:
             key = peer_key(p.peer)
             if key is not None:
                 self.accounts[p.peer] = _Account(p.peer, key, p.fee_per_mib, p.currency)
-        self.license_sent = sm.manifest.terms.price_per_load == 0
+        # a load's license: signed once (on the channel to the publisher via the first host asked) and
+        # shown with the first request to every host of the fetch (each requires it, docs/payments.md)
+        self.license_due = (sm.manifest.terms.price_per_load > 0
+                            and sm.manifest.publisher != payer.ledger.me)
+        self.license: tuple[tuple[bytes, int], bytes] | None = None  # ((channel, seq), raw) once signed
         self.lock = trio.Lock()  # receipts are signed one at a time, in sequence order
         self._unpaid_lock = threading.Lock()  # `verified` runs in receiving threads, `attach` in trio
         self._due = trio.Event()  # something is due for `pay_along`
@@ -563,14 +633,16 @@ class FetchPayments:
 
     async def _sign_due(self, acct: _Account) -> None:
         async with self.lock:
-            if not self.license_sent:
-                terms = self.sm.manifest.terms
-                ch = await self.payer.call(self.payer.ledger.open_channel, self.sm.manifest.publisher,
-                                           terms.currency, acct.key)
-                sr = await self.payer.call(self.payer.ledger.pay, ch, [Line(self.sm.id, "license", 1,
-                                                                           terms.price_per_load)])
-                acct.unsent[(ch.id, sr.receipt.seq)] = sr.raw
-                self.license_sent = True
+            if self.license_due and not acct.licensed:
+                if self.license is None:
+                    terms = self.sm.manifest.terms
+                    ch = await self.payer.call(self.payer.ledger.open_channel, self.sm.manifest.publisher,
+                                               terms.currency, acct.key)
+                    sr = await self.payer.call(self.payer.ledger.pay, ch, [Line(self.sm.id, "license", 1,
+                                                                               terms.price_per_load)])
+                    self.license = ((ch.id, sr.receipt.seq), sr.raw)
+                acct.unsent[self.license[0]] = self.license[1]
+                acct.licensed = True
             if acct.unpaid > 0:
                 with self._unpaid_lock:
                     n, acct.unpaid = acct.unpaid, 0
@@ -597,6 +669,12 @@ class FetchPayments:
         then ask again) or PayDrop. `payment_required` and `debtor` come after the host took the
         request's receipts, so those are acknowledged (resending them would change nothing)."""
         code = head.get("err")
+        acct = self.accounts.get(peer)
+        if code == "payment_required" and head.get("license") is not None:
+            if head.get("license") != self.sm.id or acct is None or acct.licensed and not acct.unsent:
+                raise PayDrop("overbilled", "the host asks for a second license in one load")
+            self.acknowledged(peer, sent, served=False)
+            raise PaymentWait("the host wants the load's license receipt first")
         if code in ("payment_required", "debtor"):
             self.acknowledged(peer, sent, served=False)
             raise PaymentWait(f"{code}: {head.get('msg', '')}")
