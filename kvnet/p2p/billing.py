@@ -191,7 +191,9 @@ class Biller:
         with self._lock:  # counted at once: a concurrent request of this payer sees it (no await between)
             d = self._debts.get(payer)
             if d is not None and units:
-                d.paid += units
+                # never beyond what this process granted: a payment for bytes served before a restart
+                # (or before the account was dropped) settles them in the ledger but buys no new credit
+                d.paid = min(d.paid + units, d.granted)
                 d.warned = False
             self._license(d, sr, sm)
         return units

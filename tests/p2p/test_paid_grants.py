@@ -130,3 +130,23 @@ async def test_a_payer_pays_over_the_receipts_protocol_as_verified_bytes_accumul
         n.cancel_scope.cancel()
     assert h.ledger.paid_by(_key(c), "USD") == hosting_cost(billing.PAY_EVERY, FEE) == pay.totals()[pid(h)]
     assert h.server.biller.pays == 1 and pay.accounts[pid(h)].unsent == {}
+
+
+@pytest.mark.trio
+async def test_a_payment_for_bytes_a_restarted_host_forgot_buys_no_new_credit(tmp_path):
+    """A host's credit account is in memory: after a restart it knows nothing it served. A payer then
+    paying for bytes it got before (its recorded receipts, resent) settles them in the ledger, but the
+    host still serves it at most the window ahead of what it grants from now on (docs/payments.md,
+    "Trust model": the loss bound of a restart)."""
+    sm, pieces = fake_artifact(115, 1, piece_size=PIECE)
+    h = holding(tmp_path, "H", sm, pieces, timeout=3.0, terms=HostingTerms(fee_per_mib=FEE), credit_window=8)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await start_nodes(n, h, c)
+        ch = c.ledger.open_channel(_key(h), "USD")
+        before = c.ledger.pay(ch, [Line(sm.id, "hosting", 8 * PIECE, hosting_cost(8 * PIECE, FEE))])
+        frames, got = await _ask(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 16]],
+                                                         "receipt": [before.raw]})
+        assert frames[-1] == {"done": True, "granted": 2} and got == 2 * PIECE  # the window, not 8 more pieces
+        n.cancel_scope.cancel()
+    assert h.ledger.paid_by(_key(c), "USD") == hosting_cost(8 * PIECE, FEE)  # the payment itself is kept
