@@ -6,15 +6,19 @@ and publishers collecting the license receipts a host keeps for them). The bulk 
 carries no payment data, so any faster transport reuses the same messages.
 
 Payee (`Biller`, consulted by the pieces and bulk servers before they grant a request): it accepts the
-request's receipts into its ledger, durably, before it grants anything; it serves a payer while the
-value granted to it beyond what it paid stays under the credit window, answers `payment_required`
-when over it, and cuts off as a `debtor` a payer over it that sends no payment at all.
+request's receipts into its ledger, durably, before it grants anything; it grants the prefix of a
+request that keeps the value granted to the payer beyond what it paid within the credit window (the
+answer says how many pieces), answers `payment_required` over it, and cuts off as a `debtor` a payer
+over it that, told to pay, sends no payment at all. For a manifest with a license price it grants
+only what the payer's license receipts for it cover at this host (one load each). It keeps at most
+MAX_ACCOUNTS payer accounts in memory (identities are free).
 
 Payer (`Payer` per node, `FetchPayments` per fetch, called by kvnet.p2p.fetcher): it counts the
-piece bytes each host delivered that verified, and when it builds the next request to that host it
-signs one hosting receipt for all of them (receipts per group of pieces, not per piece), records it
-and attaches it. A load's license receipt goes with the first request of the fetch. After the fetch
-it pays what is left over `/kvnet/receipts/1.0.0`.
+piece bytes each host delivered that verified, and when it builds the next request to that host, or
+once PAY_EVERY bytes are unpaid (`pay_along`, over `/kvnet/receipts/1.0.0`), it signs one hosting
+receipt for all of them (receipts per group of pieces, not per piece), records it and sends it. A
+load's license receipt is signed once and goes with the first request to every host of the fetch.
+After the fetch it pays what is left over `/kvnet/receipts/1.0.0`.
 """
 
 from __future__ import annotations
