@@ -463,7 +463,9 @@ class _Account:
     unsent: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (channel, seq) -> raw, unacknowledged
     paid: int = 0  # micro-units signed to it in this fetch
     resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
-    urgent: bool = False  # the host is at its credit window (a short grant): pay what verified at once
+    granted: int = 0  # piece bytes it granted us in this fetch
+    paid_bytes: int = 0  # piece bytes in the hosting lines we signed it in this fetch
+    every: int = PAY_EVERY  # unpaid verified bytes that make `pay_along` pay it (less once it grants short)
     retried: bool = False  # asked again once with nothing to pay since the host last served us
     licensed: bool = False  # the load's license receipt went to it (with the first request)
 
@@ -568,16 +570,20 @@ class FetchPayments:
         if acct is not None and acct.fee > 0:
             with self._unpaid_lock:  # called from the bulk receiving threads too
                 acct.unpaid += n
-                due = acct.unpaid >= PAY_EVERY or acct.urgent
+                due = acct.unpaid >= acct.every
             if due:
                 self._signal()
 
-    def at_window(self, peer: str) -> None:
-        """`peer` granted fewer pieces than asked: it is at its credit window, so every verified byte
-        from it is paid at once (over `pay`) instead of waiting for PAY_EVERY or the next request."""
+    def granted(self, peer: str, n: int, short: bool) -> None:
+        """`peer` granted `n` piece bytes; `short`: fewer than asked, so it is at its credit window.
+        Then what it granted beyond what we paid estimates its window, and `pay_along` pays every half
+        of that (at most PAY_EVERY), so that its next grants do not wait for our requests."""
         acct = self.accounts.get(peer)
-        if acct is not None and acct.fee > 0:
-            acct.urgent = True
+        if acct is None or acct.fee == 0:
+            return
+        acct.granted += n
+        if short:
+            acct.every = max(1, min(PAY_EVERY, (acct.granted - acct.paid_bytes) // 2))
             self._signal()
 
     def _signal(self) -> None:
@@ -604,8 +610,7 @@ class FetchPayments:
                 await self._due.wait()
                 self._due = trio.Event()
                 for acct in list(self.accounts.values()):
-                    if acct.unpaid >= PAY_EVERY or (acct.urgent and acct.unpaid > 0):
-                        acct.urgent = False
+                    if acct.unpaid > 0 and acct.unpaid >= acct.every:
                         await self._pay_now(acct, open_stream, timeout)
         finally:
             self._token = None
@@ -655,6 +660,7 @@ class FetchPayments:
                 if acct.channel is None:
                     acct.channel = await self.payer.call(self.payer.ledger.open_channel, acct.key, acct.currency)
                 line = Line(self.sm.id, "hosting", n, hosting_cost(n, acct.fee))
+                acct.paid_bytes += n
                 sr = await self.payer.call(self.payer.ledger.pay, acct.channel, [line])
                 acct.unsent[(acct.channel.id, sr.receipt.seq)] = sr.raw
                 acct.paid += line.amount

@@ -262,13 +262,14 @@ class Fetch:
 
     def _granted(self, p: Provider, answer: dict, pieces: list[int]) -> list[int]:
         """The pieces an answer grants: the first `granted` of those asked, in request order (all
-        when absent). A short answer means the host is at its credit window: pay it soon."""
+        when absent). A short answer means the host is at its credit window: pay it sooner."""
         k = answer.get("granted", len(pieces))
         if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= len(pieces):
             raise _Drop("protocol", f"granted {k!r} of {len(pieces)} pieces")
-        if k < len(pieces) and self.payments is not None:
-            self.payments.at_window(p.peer)
-        return sorted(pieces)[:k]
+        granted = sorted(pieces)[:k]
+        if self.payments is not None:
+            self.payments.granted(p.peer, sum(self.m.piece_len(i) for i in granted), k < len(pieces))
+        return granted
 
     async def _pay_wait(self, p: Provider) -> None:
         """A host wants payment before serving more: wait until something verified is owed to it."""
