@@ -114,20 +114,21 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _serve(home: Path, fee: int):
+def _serve(home: Path, fee: int, window: int | None = None):
     import os
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    extra = ["--credit-window", str(window)] if window is not None else []
     proc = subprocess.Popen([sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home), "--fee-per-mib",
-                             str(fee)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             str(fee), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline().split()
     if not first or first[0] != "listening":
         raise RuntimeError(f"kvnet serve did not start: {proc.stderr.read()}")
     return proc, first[1]
 
 
-def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None) -> dict:
+def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None, window: int | None = None) -> dict:
     """MB/s of an `mb` MiB fetch from one provider, free and paid, alternating, `runs` times each."""
     import trio
 
@@ -142,7 +143,7 @@ def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None) -> dict:
         for i in range(runs):
             order = ("free", "paid") if i % 2 == 0 else ("paid", "free")
             for kind in order:
-                proc, addr = _serve(home, FETCH_FEE if kind == "paid" else 0)
+                proc, addr = _serve(home, FETCH_FEE if kind == "paid" else 0, window if kind == "paid" else None)
                 try:
                     fhome = Path(tmp) / f"F-{kind}-{i}"
                     ident.generate(fhome / "identity.key")
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--fetch-mb", type=int, default=0, help="also measure a fetch of this many MiB (0: skip)")
     ap.add_argument("--fetch-runs", type=int, default=3, help="fetches of each kind (free, paid)")
     ap.add_argument("--bulk", default="tls", choices=["tls", "tcp", "off"], help="fetch path")
+    ap.add_argument("--credit-window", type=int, default=None, help="the paid provider's (default: its default)")
     args = ap.parse_args()
     runs = [run_once(args.n, args.lines, args.dir) for _ in range(args.runs)]
     title = f"receipts: {args.n} per run, {args.lines} line(s) each, {args.runs} runs, ledgers in {args.dir}"
@@ -189,7 +191,8 @@ def main() -> None:
     console.print(f"receipt size with {args.lines} line(s): {len(sample.raw)} bytes")
     fetch = None
     if args.fetch_mb:
-        fetch = fetch_overhead(args.fetch_mb, args.fetch_runs, args.dir, None if args.bulk == "off" else args.bulk)
+        fetch = fetch_overhead(args.fetch_mb, args.fetch_runs, args.dir, None if args.bulk == "off" else args.bulk,
+                               args.credit_window)
         t = Table("fetch", "median MB/s", "runs MB/s", "receipts (paid)",
                   title=f"{args.fetch_mb} MiB from one provider, bulk {args.bulk}, fee {FETCH_FEE}/MiB")
         for kind in ("free", "paid"):

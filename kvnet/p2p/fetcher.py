@@ -275,7 +275,7 @@ class Fetch:
         """A host wants payment before serving more: wait until something verified is owed to it."""
         assert self.payments is not None
         await self.payments.wait(p.peer, lambda: any(p.peer in a for a in self.in_flight.values()),
-                                 self.changed.wait)
+                                 lambda: self.changed.wait())  # the current event each time (no spin)
 
     def offer(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
         """Hand a verified piece to the group writer (called from a receiving thread; blocks while
