@@ -17,8 +17,10 @@ With --fetch-mb M (e.g. 256), it also measures the payment overhead on a fetch: 
 process holds an M MiB artifact, and this process fetches it with a fresh node and ledger each time,
 alternately from the provider serving for free and serving at --fee per MiB (a separate `kvnet serve`
 process each, the same store), --fetch-runs times each, in the same run. The time is `Node.fetch`
-wall clock, including the final payment (`pay` on /kvnet/receipts/1.0.0). Receipts go per group of
-pieces (one per grant or pieces request), not per piece.
+wall clock, including the final payment (`pay` on /kvnet/receipts/1.0.0); beside it, the CPU seconds
+the fetching process and the provider process spent on it (a figure less sensitive to other load on
+the machine). Receipts go per group of pieces (with a request, or with `pay` every 16 MiB), not per
+piece.
 
     .venv/bin/python -m bench.receipts --n 500 --runs 1 --fetch-mb 256 --fetch-runs 3
 """
@@ -92,32 +94,41 @@ async def _fetch_once(home: Path, addr: str, mid: bytes, bulk: str | None) -> di
     async with trio.open_nursery() as n:
         await n.start(partial(node.run, announce=False))
         found = await node.find_manifest(mid)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = await node.fetch(found, bulk=bulk)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         n.cancel_scope.cancel()
     receipts_n = node.ledger.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
     paid = node.ledger.db.execute("SELECT COALESCE(SUM(cumulative), 0) FROM channels WHERE role='out'").fetchone()[0]
     node.ledger.close()
     node.store.close()
     return {"mb_per_s": r.bytes / 1e6 / seconds, "seconds": seconds, "bytes": r.bytes, "receipts": receipts_n,
-            "paid": paid}
+            "paid": paid, "fetcher_cpu_s": cpu}
 
 
-def _serve(home: Path, fee: int):
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far, from /proc."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _serve(home: Path, fee: int, window: int | None = None):
     import os
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    extra = ["--credit-window", str(window)] if window is not None else []
     proc = subprocess.Popen([sys.executable, "-m", "kvnet.cli", "serve", "--home", str(home), "--fee-per-mib",
-                             str(fee)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             str(fee), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline().split()
     if not first or first[0] != "listening":
         raise RuntimeError(f"kvnet serve did not start: {proc.stderr.read()}")
     return proc, first[1]
 
 
-def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None) -> dict:
+def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None, window: int | None = None) -> dict:
     """MB/s of an `mb` MiB fetch from one provider, free and paid, alternating, `runs` times each."""
     import trio
 
@@ -132,20 +143,25 @@ def fetch_overhead(mb: int, runs: int, where: Path, bulk: str | None) -> dict:
         for i in range(runs):
             order = ("free", "paid") if i % 2 == 0 else ("paid", "free")
             for kind in order:
-                proc, addr = _serve(home, FETCH_FEE if kind == "paid" else 0)
+                proc, addr = _serve(home, FETCH_FEE if kind == "paid" else 0, window if kind == "paid" else None)
                 try:
                     fhome = Path(tmp) / f"F-{kind}-{i}"
                     ident.generate(fhome / "identity.key")
+                    p0 = _cpu_s(proc.pid)
                     r = trio.run(_fetch_once, fhome, addr, sm.id, bulk)
+                    r["provider_cpu_s"] = _cpu_s(proc.pid) - p0  # its start-up excluded
                 finally:
                     proc.terminate()
                     proc.wait(10)
                 console.print(f"run {i + 1} {kind}: {r['mb_per_s']:.1f} MB/s, {r['receipts']} receipts, "
-                              f"paid {r['paid']}", highlight=False)
+                              f"paid {r['paid']}, CPU s fetcher {r['fetcher_cpu_s']:.2f} provider "
+                              f"{r['provider_cpu_s']:.2f}", highlight=False)
                 out[kind].append(r)
     med = {k: statistics.median(x["mb_per_s"] for x in v) for k, v in out.items()}
+    cpu = {k: statistics.median(x["fetcher_cpu_s"] + x["provider_cpu_s"] for x in v) for k, v in out.items()}
     return {"mb": mb, "runs": runs, "bulk": bulk, "fee_per_mib": FETCH_FEE, "runs_detail": out,
-            "median_mb_per_s": med, "overhead_pct": round(100 * (1 - med["paid"] / med["free"]), 2)}
+            "median_mb_per_s": med, "overhead_pct": round(100 * (1 - med["paid"] / med["free"]), 2),
+            "median_cpu_s": cpu, "cpu_overhead_pct": round(100 * (cpu["paid"] / cpu["free"] - 1), 2)}
 
 
 def main() -> None:
@@ -158,6 +174,7 @@ def main() -> None:
     ap.add_argument("--fetch-mb", type=int, default=0, help="also measure a fetch of this many MiB (0: skip)")
     ap.add_argument("--fetch-runs", type=int, default=3, help="fetches of each kind (free, paid)")
     ap.add_argument("--bulk", default="tls", choices=["tls", "tcp", "off"], help="fetch path")
+    ap.add_argument("--credit-window", type=int, default=None, help="the paid provider's (default: its default)")
     args = ap.parse_args()
     runs = [run_once(args.n, args.lines, args.dir) for _ in range(args.runs)]
     title = f"receipts: {args.n} per run, {args.lines} line(s) each, {args.runs} runs, ledgers in {args.dir}"
@@ -174,7 +191,8 @@ def main() -> None:
     console.print(f"receipt size with {args.lines} line(s): {len(sample.raw)} bytes")
     fetch = None
     if args.fetch_mb:
-        fetch = fetch_overhead(args.fetch_mb, args.fetch_runs, args.dir, None if args.bulk == "off" else args.bulk)
+        fetch = fetch_overhead(args.fetch_mb, args.fetch_runs, args.dir, None if args.bulk == "off" else args.bulk,
+                               args.credit_window)
         t = Table("fetch", "median MB/s", "runs MB/s", "receipts (paid)",
                   title=f"{args.fetch_mb} MiB from one provider, bulk {args.bulk}, fee {FETCH_FEE}/MiB")
         for kind in ("free", "paid"):
@@ -182,7 +200,9 @@ def main() -> None:
             t.add_row(kind, f"{fetch['median_mb_per_s'][kind]:.1f}", ", ".join(f"{r['mb_per_s']:.1f}" for r in rs),
                       ", ".join(str(r["receipts"]) for r in rs))
         console.print(t)
-        console.print(f"payment overhead: {fetch['overhead_pct']:.1f}% of throughput (median vs median)")
+        console.print(f"payment overhead: {fetch['overhead_pct']:.1f}% of throughput (median vs median); "
+                      f"CPU (fetcher + provider) {fetch['median_cpu_s']['free']:.2f} s free vs "
+                      f"{fetch['median_cpu_s']['paid']:.2f} s paid: {fetch['cpu_overhead_pct']:+.1f}%")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"n": args.n, "runs": args.runs, "lines": args.lines, "dir": str(args.dir),
                                     "receipt_bytes": len(sample.raw), "per_second": result, "fetch": fetch},

@@ -470,7 +470,10 @@ def check_payments(c: Checker, v: dict[str, Any], man: dict[str, Any]) -> None:
 PAYMENT_FRAME_KEYS = {  # docs/protocol.md, "Payments on requests" and `/kvnet/receipts/1.0.0`
     "paid pieces request": {"v", "manifest", "ranges", "receipt"},
     "paid bulk grant request": {"v", "manifest", "ranges", "mode", "receipt"},
+    "bulk grant answer, part granted": {"v", "host", "port", "token", "fingerprint", "ttl", "granted"},
+    "pieces done, part granted": {"done", "granted"},
     "payment_required": {"v", "err", "msg"},
+    "payment_required license": {"v", "err", "msg", "license"},
     "receipt_refused skipped_sequence": {"v", "err", "msg", "rule", "seq", "channel"},
     "receipts pay": {"v", "op", "receipt"},
     "receipts pay answer": {"v", "ok"},

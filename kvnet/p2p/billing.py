@@ -6,15 +6,19 @@ and publishers collecting the license receipts a host keeps for them). The bulk 
 carries no payment data, so any faster transport reuses the same messages.
 
 Payee (`Biller`, consulted by the pieces and bulk servers before they grant a request): it accepts the
-request's receipts into its ledger, durably, before it grants anything; it serves a payer while the
-value granted to it beyond what it paid stays under the credit window, answers `payment_required`
-when over it, and cuts off as a `debtor` a payer over it that sends no payment at all.
+request's receipts into its ledger, durably, before it grants anything; it grants the prefix of a
+request that keeps the value granted to the payer beyond what it paid within the credit window (the
+answer says how many pieces), answers `payment_required` over it, and cuts off as a `debtor` a payer
+over it that, told to pay, sends no payment at all. For a manifest with a license price it grants
+only what the payer's license receipts for it cover at this host (one load each). It keeps at most
+MAX_ACCOUNTS payer accounts in memory (identities are free).
 
 Payer (`Payer` per node, `FetchPayments` per fetch, called by kvnet.p2p.fetcher): it counts the
-piece bytes each host delivered that verified, and when it builds the next request to that host it
-signs one hosting receipt for all of them (receipts per group of pieces, not per piece), records it
-and attaches it. A load's license receipt goes with the first request of the fetch. After the fetch
-it pays what is left over `/kvnet/receipts/1.0.0`.
+piece bytes each host delivered that verified, and when it builds the next request to that host, or
+once PAY_EVERY bytes are unpaid (`pay_along`, over `/kvnet/receipts/1.0.0`), it signs one hosting
+receipt for all of them (receipts per group of pieces, not per piece), records it and sends it. A
+load's license receipt is signed once and goes with the first request to every host of the fetch.
+After the fetch it pays what is left over `/kvnet/receipts/1.0.0`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +44,8 @@ from kvnet.receipts import Channel, Line, ReceiptError, SignedReceipt, hosting_c
 __all__ = [
     "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
     "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
-    "rank_by_price", "receipts_field", "peer_key", "default_window",
+    "rank_by_price", "receipts_field", "peer_key", "default_window", "MAX_ACCOUNTS", "MAX_SPEEDS",
+    "PAY_EVERY", "LICENSE_SHOWN_MAX_AGE_S",
 ]
 
 log = logging.getLogger("kvnet.p2p.billing")
@@ -51,6 +57,11 @@ COLLECT_PAGE = 256  # receipts per `collect` answer (256 x 8 KiB = 2 MiB, below 
 PRICE_SLACK = 1.5  # providers whose price index is within this factor of the best one are used
 RISK_PER_SCORE = 0.2  # each point of negative score makes a provider's price index 20% worse
 RECEIPTS_FIELDS = frozenset({"v", "op", "receipt", "publisher", "after"})  # per op: see Biller.handle
+MAX_ACCOUNTS = 4096  # payer accounts a payee keeps in memory; then settled ones are dropped, else `busy`
+MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten first)
+LICENSE_SHOWN_MAX_AGE_S = 3600  # a license receipt another host holds licenses a load here if signed this recently
+MAX_SHOWN = 64  # such receipts an account remembers (each licenses one load here)
+PAY_EVERY = 16 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
@@ -100,21 +111,33 @@ class _Debt:
     granted: int = 0
     paid: int = 0
     open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
+    warned: bool = False  # answered `payment_required` and paid nothing since
+    licensed: dict[bytes, int] = field(default_factory=dict)  # manifest -> piece bytes its licenses still cover
+    shown: list[bytes] = field(default_factory=list)  # ids of license receipts held elsewhere that licensed a load
+
+    def settled(self) -> bool:
+        """Nothing open and nothing owed: dropping the account forgets nothing the payee is owed."""
+        return self.open == 0 and self.granted <= self.paid
 
 
 class Biller:
     """The payee's side: takes receipts, keeps each payer within the credit window."""
 
     def __init__(self, ledger: Ledger, fee_per_mib: int, currency: str, window: int | None = None,
-                 get_manifest: Callable[[bytes], Awaitable[SignedManifest]] | None = None) -> None:
+                 get_manifest: Callable[[bytes], Awaitable[SignedManifest]] | None = None,
+                 max_accounts: int = MAX_ACCOUNTS) -> None:
         """`window`: the credit window in micro-units (None: `default_window(fee_per_mib)`);
-        `get_manifest(id)` looks up a manifest a license receipt on `/kvnet/receipts/1.0.0` names."""
+        `get_manifest(id)` looks up a manifest a license receipt on `/kvnet/receipts/1.0.0` names;
+        `max_accounts`: how many payer accounts it keeps in memory (`_debt`)."""
+        self.max_accounts = max_accounts
         self.ledger = ledger
         self.fee_per_mib, self.currency = fee_per_mib, currency
         self.window = default_window(fee_per_mib) if window is None else window
         self.get_manifest = get_manifest
         self.accepted = 0  # receipts accepted (tests, stats)
         self.refusals: dict[str, int] = {}  # payment_required / debtor / receipt_refused -> count
+        self.pays = 0  # `pay` messages taken (receipts that came without a request)
+        self.peak_owed = 0  # the most any payer owed right after a grant, granted and unpaid included
         self._debts: dict[bytes, _Debt] = {}
         self._lock = threading.Lock()  # bulk listener threads give back unsent bytes
         self._db = trio.CapacityLimiter(1)
@@ -125,7 +148,22 @@ class Biller:
         return self.ledger.me
 
     def _debt(self, payer: bytes) -> _Debt:
-        return self._debts.setdefault(payer, _Debt())
+        """`payer`'s account, opened if new. Identities are free, so the table is bounded: when it holds
+        MAX_ACCOUNTS, the settled accounts are dropped (nothing open, nothing owed: a later request
+        from that payer starts afresh, as after a restart); if none is settled, a new payer is refused
+        `busy` and no other payer's account is touched. Call with the lock held."""
+        debt = self._debts.get(payer)
+        if debt is not None:
+            return debt
+        if len(self._debts) >= self.max_accounts:
+            for key in [k for k, d in self._debts.items() if d.settled()]:
+                del self._debts[key]
+            if len(self._debts) >= self.max_accounts:
+                self._count("busy")
+                raise wire.WireError("busy", f"this host keeps at most {self.max_accounts} payer accounts, "
+                                             "none of them settled: try again later")
+        debt = self._debts[payer] = _Debt()
+        return debt
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await trio.to_thread.run_sync(lambda: fn(*args, **kw), limiter=self._db)
@@ -144,6 +182,8 @@ class Biller:
         except ReceiptError as exc:
             if exc.rule == "replayed":  # a payer resending after a lost answer: already held, nothing new
                 return 0
+            if exc.rule == "skipped_sequence" and self._shown(payer, sr, sm):
+                return 0  # a license receipt another host holds: it licenses this load here too
             seq = None
             if exc.rule == "skipped_sequence":
                 latest = self.ledger.latest(sr.channel_id)
@@ -151,7 +191,43 @@ class Biller:
             self._count("receipt_refused")
             raise _refused(exc, seq, sr.channel_id) from exc
         self.accepted += 1
-        return sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
+        units = sum(ln.units for ln in sr.receipt.lines if ln.kind == "hosting")
+        with self._lock:  # counted at once: a concurrent request of this payer sees it (no await between)
+            d = self._debts.get(payer)
+            if d is not None and units:
+                # never beyond what this process granted: a payment for bytes served before a restart
+                # (or before the account was dropped) settles them in the ledger but buys no new credit
+                d.paid = min(d.paid + units, d.granted)
+                d.warned = False
+            self._license(d, sr, sm)
+        return units
+
+    def _license(self, d: _Debt | None, sr: SignedReceipt, sm: SignedManifest | None) -> None:
+        """Credit the license lines for the request's manifest: each load covers its piece bytes once."""
+        if d is None or sm is None:
+            return
+        loads = sum(ln.units for ln in sr.receipt.lines if ln.kind == "license" and ln.manifest == sm.id)
+        if loads:
+            d.licensed[sm.id] = d.licensed.get(sm.id, 0) + loads * sm.manifest.total_bytes
+
+    def _shown(self, payer: bytes, sr: SignedReceipt, sm: SignedManifest | None) -> bool:
+        """A license-only receipt for the request's manifest that passed every one-receipt rule and its
+        price but continues a channel this host does not hold (the payer pays a load's license once,
+        through its first host, and shows the same receipt to the others): it licenses one load here,
+        if it was signed within LICENSE_SHOWN_MAX_AGE_S and has not licensed one here before (shown
+        again, it is taken as a replay: no refusal, no license)."""
+        r = sr.receipt
+        if (sm is None or not all(ln.kind == "license" and ln.manifest == sm.id for ln in r.lines)
+                or abs(time.time() - r.time) > LICENSE_SHOWN_MAX_AGE_S):
+            return False
+        with self._lock:
+            d = self._debts.get(payer)
+            if d is None:
+                return False
+            if sr.id not in d.shown:  # shown again: like a replay, taken without licensing anything
+                d.shown = [*d.shown[-(MAX_SHOWN - 1):], sr.id]
+                self._license(d, sr, sm)
+        return True
 
     async def _check_lines(self, sr: SignedReceipt, sm: SignedManifest | None) -> tuple[bytes, str]:
         """Each line priced as quoted: hosting at this node's fee (only in a receipt made out to us),
@@ -187,29 +263,43 @@ class Biller:
         except Exception as exc:  # noqa: BLE001 - unknown manifest: we cannot check the price
             raise ReceiptError("malformed", "a license receipt for a manifest this node does not hold") from exc
 
-    async def admit(self, peer: str, sm: SignedManifest, n_bytes: int, raw: list[bytes]) -> None:
-        """Before a request for `n_bytes` of piece bytes of `sm` is granted: take its receipts
-        (durably), then grant it if the payer is within the credit window, else raise WireError
-        `payment_required` (it paid something, not enough yet) or `debtor` (it paid nothing: it is
-        recorded as a debtor, refused until a receipt raises what it paid)."""
+    async def admit(self, peer: str, sm: SignedManifest, sizes: Sequence[int], raw: list[bytes]) -> int:
+        """Before a request for pieces of `sm` (their byte sizes in request order) is granted: take its
+        receipts (durably), then grant the longest prefix of the pieces that keeps what the payer owes,
+        what it was granted and not yet paid included, within the credit window (at least one piece
+        while it owes at most the window: a window smaller than a piece still serves); how many
+        pieces. Over the window raise WireError `payment_required` (it paid something, not enough
+        yet) or `debtor` (it paid nothing: it is recorded as a debtor, refused until a receipt raises
+        what it paid)."""
         payer = peer_key(peer)
         if payer is None:
             if raw or self.fee_per_mib:
                 raise wire.WireError("malformed", "this peer id carries no Ed25519 key to pay or be paid with")
-            return
+            return len(sizes)
+        priced = sm.manifest.terms.price_per_load > 0 and sm.manifest.publisher != payer
+        if self.fee_per_mib or priced:
+            with self._lock:  # before its receipts are taken: a refused new payer leaves no trace
+                self._debt(payer)
         paid_now = 0
         for r in raw:
             paid_now += await self.take(payer, r, sm)
+        if priced:
+            sizes = self._licensed(payer, sm, sizes)
         if self.fee_per_mib == 0:
-            return
-        debt = self._debt(payer)
+            if priced:
+                with self._lock:
+                    self._use_license(self._debt(payer), sm, sum(sizes))
+            return len(sizes)
         with self._lock:
-            debt.paid += paid_now
-            owed = hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib)
+            debt = self._debt(payer)  # may have been dropped as settled meanwhile: then a fresh one
+            unpaid = max(0, debt.granted - debt.paid)
+            owed = hosting_cost(unpaid, self.fee_per_mib)
             idle = debt.open == 0
         debtor = self.ledger.is_debtor(payer)
-        if debtor or owed >= self.window:
-            if debtor or (paid_now == 0 and idle):  # it has all it was granted, over the window, and pays nothing
+        if debtor or owed > self.window:
+            # everything it was granted was sent, it was told to pay, and it asks again paying nothing
+            # (once is not enough: the last grant may still be on its way to it when it asks)
+            if debtor or (paid_now == 0 and idle and debt.warned):
                 if not debtor:
                     await self._call(self.ledger.mark_debtor, payer, self.currency,
                                      self.ledger.paid_by(payer, self.currency) + 1,
@@ -217,13 +307,53 @@ class Biller:
                 self._count("debtor")
                 raise wire.WireError("debtor", f"{owed} owed, over the credit window of {self.window}: "
                                                "refused until a receipt pays for what was delivered")
-            if owed >= self.window:
-                self._count("payment_required")
-                raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
-                                                         "the next request must pay for what was delivered")
+            self._count("payment_required")
+            debt.warned = True
+            raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
+                                                     "the next request must pay for what was delivered")
+        k = self._fits(unpaid, sizes)
         with self._lock:
-            debt.granted += n_bytes
-            debt.open += n_bytes
+            if priced:
+                self._use_license(debt, sm, sum(sizes[:k]))
+            debt.granted += sum(sizes[:k])
+            debt.open += sum(sizes[:k])
+            self.peak_owed = max(self.peak_owed, hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib))
+        return k
+
+    def _licensed(self, payer: bytes, sm: SignedManifest, sizes: Sequence[int]) -> Sequence[int]:
+        """The prefix of `sizes` the payer's licenses for `sm` here still cover (taken from them when
+        granted); with none, `payment_required` naming the license (the first request of a load
+        brings its receipt)."""
+        with self._lock:
+            d = self._debt(payer)
+            left = d.licensed.get(sm.id, 0)
+            k, total = 0, 0
+            while k < len(sizes) and total + sizes[k] <= left:
+                total, k = total + sizes[k], k + 1
+            if k:
+                return sizes[:k]
+        self._count("payment_required")
+        terms = sm.manifest.terms
+        raise wire.WireError("payment_required", f"a license: this manifest costs {terms.price_per_load} "
+                                                 f"{terms.currency} per load, paid to its publisher with a license "
+                                                 "receipt on the first request of the load", license=sm.id)
+
+    @staticmethod
+    def _use_license(d: _Debt, sm: SignedManifest, n: int) -> None:
+        d.licensed[sm.id] = max(0, d.licensed.get(sm.id, 0) - n)
+
+    def _fits(self, unpaid: int, sizes: Sequence[int]) -> int:
+        """How many of `sizes` (a prefix) keep the cost of `unpaid` plus them within the window; at
+        least one (the caller checked that `unpaid` alone costs at most the window). The one piece
+        past the window keeps a payer going that owes exactly the window for bytes it never got (sent
+        to it before it crashed): it pays for each piece it verifies, one request at a time."""
+        k = 0
+        for n in sizes:
+            if k and hosting_cost(unpaid + n, self.fee_per_mib) > self.window:
+                break
+            unpaid += n
+            k += 1
+        return k
 
     def _count(self, code: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
@@ -235,7 +365,9 @@ class Biller:
         if payer is None or self.fee_per_mib == 0:
             return
         with self._lock:
-            d = self._debt(payer)
+            d = self._debts.get(payer)
+            if d is None:  # cannot happen while a request is open (an open account is never dropped)
+                return
             d.open = max(0, d.open - granted)
             d.granted = max(0, d.granted - unsent)
 
@@ -258,11 +390,9 @@ class Biller:
             raw = receipts_field(req)
             if payer is None or not raw:
                 raise wire.WireError("malformed", "pay carries 1..4 receipts from a peer with an Ed25519 key")
-            paid = 0
-            for r in raw:
-                paid += await self.take(payer, r, None)
-            with self._lock:
-                self._debt(payer).paid += paid
+            for r in raw:  # counted in the payer's account, if it has one (else its receipts are just stored)
+                await self.take(payer, r, None)
+            self.pays += 1
             return {"v": wire.PROTOCOL_VERSION, "ok": True}
         if op == "collect":
             unknown = set(req) - {"v", "op", "publisher", "after"}
@@ -333,6 +463,11 @@ class _Account:
     unsent: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (channel, seq) -> raw, unacknowledged
     paid: int = 0  # micro-units signed to it in this fetch
     resends: int = 0  # `skipped_sequence` answers acted on (a host that keeps asking is dropped)
+    granted: int = 0  # piece bytes it granted us in this fetch
+    paid_bytes: int = 0  # piece bytes in the hosting lines we signed it in this fetch
+    every: int = PAY_EVERY  # unpaid verified bytes that make `pay_along` pay it (less once it grants short)
+    retried: bool = False  # asked again once with nothing to pay since the host last served us
+    licensed: bool = False  # the load's license receipt went to it (with the first request)
 
 
 class Payer:
@@ -401,7 +536,10 @@ class Payer:
             return
         for peer, st in result.providers.items():
             if st.get("bytes") and not st.get("dropped"):
+                self.speeds.pop(peer, None)  # re-inserted last: the dict is oldest-first
                 self.speeds[peer] = st["bytes"] / 1e6 / result.seconds
+        while len(self.speeds) > MAX_SPEEDS:  # providers are whoever announced: keep the table bounded
+            del self.speeds[next(iter(self.speeds))]
 
 
 class FetchPayments:
@@ -415,16 +553,81 @@ class FetchPayments:
             key = peer_key(p.peer)
             if key is not None:
                 self.accounts[p.peer] = _Account(p.peer, key, p.fee_per_mib, p.currency)
-        self.license_sent = sm.manifest.terms.price_per_load == 0
+        # a load's license: signed once (on the channel to the publisher via the first host asked) and
+        # shown with the first request to every host of the fetch (each requires it, docs/payments.md)
+        self.license_due = (sm.manifest.terms.price_per_load > 0
+                            and sm.manifest.publisher != payer.ledger.me)
+        self.license: tuple[tuple[bytes, int], bytes] | None = None  # ((channel, seq), raw) once signed
         self.lock = trio.Lock()  # receipts are signed one at a time, in sequence order
         self._unpaid_lock = threading.Lock()  # `verified` runs in receiving threads, `attach` in trio
+        self._due = trio.Event()  # something is due for `pay_along`
+        self._token: trio.lowlevel.TrioToken | None = None  # while `pay_along` runs
 
     def verified(self, peer: str, n: int) -> None:
-        """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee."""
+        """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee. Once
+        PAY_EVERY bytes are unpaid (or any, for a host at its window), `pay_along` pays them."""
         acct = self.accounts.get(peer)
         if acct is not None and acct.fee > 0:
             with self._unpaid_lock:  # called from the bulk receiving threads too
                 acct.unpaid += n
+                due = acct.unpaid >= acct.every
+            if due:
+                self._signal()
+
+    def granted(self, peer: str, n: int, short: bool) -> None:
+        """`peer` granted `n` piece bytes; `short`: fewer than asked, so it is at its credit window.
+        Then what it granted beyond what we paid estimates its window, and `pay_along` pays every half
+        of that (at most PAY_EVERY), so that its next grants do not wait for our requests."""
+        acct = self.accounts.get(peer)
+        if acct is None or acct.fee == 0:
+            return
+        acct.granted += n
+        if short:
+            acct.every = max(1, min(PAY_EVERY, (acct.granted - acct.paid_bytes) // 2))
+            self._signal()
+
+    def _signal(self) -> None:
+        """Wake `pay_along` (from any thread)."""
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._due.set()
+
+    async def pay_along(self, open_stream: Callable[[str, str], Awaitable[Any]], timeout: float,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """While the fetch runs (in its nursery, cancelled with it): pay each host over
+        `/kvnet/receipts/1.0.0` as verified bytes accumulate, so a streaming fetch does not stall on
+        the host's credit window waiting for its next request to carry the payment. Never raises:
+        a failed payment is recorded and goes with the next request or `settle`."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._due.set()  # what verified before it started
+        task_status.started()
+        try:
+            while True:
+                await self._due.wait()
+                self._due = trio.Event()
+                for acct in list(self.accounts.values()):
+                    if acct.unpaid > 0 and acct.unpaid >= acct.every:
+                        await self._pay_now(acct, open_stream, timeout)
+        finally:
+            self._token = None
+
+    async def _pay_now(self, acct: _Account, open_stream: Callable[[str, str], Awaitable[Any]],
+                       timeout: float) -> None:
+        try:
+            raw = await self.attach(acct.peer)
+            if not raw:
+                return
+            with trio.fail_after(timeout):
+                answer = await _ask(open_stream, acct.peer, {"v": wire.PROTOCOL_VERSION, "op": "pay", "receipt": raw})
+            if "err" in answer:
+                await self.refused(acct.peer, answer, raw)
+            self.acknowledged(acct.peer, raw)
+        except Exception as exc:  # noqa: BLE001 - recorded; resent with the next request or at the end
+            log.info("paying %s along the fetch failed: %r", acct.peer, exc)
 
     async def attach(self, peer: str) -> list[bytes] | None:
         """The `receipt` field of the next request to `peer`: its unacknowledged receipts, after signing
@@ -433,31 +636,41 @@ class FetchPayments:
         acct = self.accounts.get(peer)
         if acct is None:
             return None
+        with _uncancelled():  # a receipt signed is recorded here too, cancelled or not
+            await self._sign_due(acct)
+        if not acct.unsent:
+            return None
+        return [acct.unsent[k] for k in sorted(acct.unsent)[:MAX_RECEIPTS_PER_REQUEST]]
+
+    async def _sign_due(self, acct: _Account) -> None:
         async with self.lock:
-            if not self.license_sent:
-                terms = self.sm.manifest.terms
-                ch = await self.payer.call(self.payer.ledger.open_channel, self.sm.manifest.publisher,
-                                           terms.currency, acct.key)
-                sr = await self.payer.call(self.payer.ledger.pay, ch, [Line(self.sm.id, "license", 1,
-                                                                           terms.price_per_load)])
-                acct.unsent[(ch.id, sr.receipt.seq)] = sr.raw
-                self.license_sent = True
+            if self.license_due and not acct.licensed:
+                if self.license is None:
+                    terms = self.sm.manifest.terms
+                    ch = await self.payer.call(self.payer.ledger.open_channel, self.sm.manifest.publisher,
+                                               terms.currency, acct.key)
+                    sr = await self.payer.call(self.payer.ledger.pay, ch, [Line(self.sm.id, "license", 1,
+                                                                               terms.price_per_load)])
+                    self.license = ((ch.id, sr.receipt.seq), sr.raw)
+                acct.unsent[self.license[0]] = self.license[1]
+                acct.licensed = True
             if acct.unpaid > 0:
                 with self._unpaid_lock:
                     n, acct.unpaid = acct.unpaid, 0
                 if acct.channel is None:
                     acct.channel = await self.payer.call(self.payer.ledger.open_channel, acct.key, acct.currency)
                 line = Line(self.sm.id, "hosting", n, hosting_cost(n, acct.fee))
+                acct.paid_bytes += n
                 sr = await self.payer.call(self.payer.ledger.pay, acct.channel, [line])
                 acct.unsent[(acct.channel.id, sr.receipt.seq)] = sr.raw
                 acct.paid += line.amount
-        if not acct.unsent:
-            return None
-        return [acct.unsent[k] for k in sorted(acct.unsent)[:MAX_RECEIPTS_PER_REQUEST]]
 
-    def acknowledged(self, peer: str, sent: list[bytes] | None) -> None:
-        """The host answered a request that carried `sent` with something other than a refusal."""
+    def acknowledged(self, peer: str, sent: list[bytes] | None, served: bool = True) -> None:
+        """The host took the receipts `sent` with a request: it served it (`served`) or refused it
+        for payment (`refused`)."""
         acct = self.accounts.get(peer)
+        if acct is not None and served:
+            acct.retried = False
         if acct is None or not sent:
             return
         done = set(sent)
@@ -468,8 +681,14 @@ class FetchPayments:
         then ask again) or PayDrop. `payment_required` and `debtor` come after the host took the
         request's receipts, so those are acknowledged (resending them would change nothing)."""
         code = head.get("err")
+        acct = self.accounts.get(peer)
+        if code == "payment_required" and head.get("license") is not None:
+            if head.get("license") != self.sm.id or acct is None or acct.licensed and not acct.unsent:
+                raise PayDrop("overbilled", "the host asks for a second license in one load")
+            self.acknowledged(peer, sent, served=False)
+            raise PaymentWait("the host wants the load's license receipt first")
         if code in ("payment_required", "debtor"):
-            self.acknowledged(peer, sent)
+            self.acknowledged(peer, sent, served=False)
             raise PaymentWait(f"{code}: {head.get('msg', '')}")
         rule = head.get("rule")
         acct = self.accounts.get(peer)
@@ -492,9 +711,15 @@ class FetchPayments:
         nothing more is on its way (it bills more than its offer's fee)."""
         acct = self.accounts.get(peer)
         while True:
-            if acct is not None and (acct.unpaid > 0 or acct.unsent):
+            async with self.lock:  # a receipt being signed is in neither `unpaid` nor `unsent` until it is done
+                due = acct is not None and (acct.unpaid > 0 or bool(acct.unsent))
+            if due:
                 return
             if not in_flight():
+                # once, ask again: a payment over `pay` may have reached the host after it refused
+                if acct is not None and not acct.retried:
+                    acct.retried = True
+                    return
                 raise PayDrop("overbilled", "the host wants payment beyond what it delivered at its offer's fee")
             await changed()
 
@@ -530,6 +755,10 @@ class FetchPayments:
     def totals(self) -> dict[str, int]:
         """peer -> micro-units signed to it for hosting in this fetch."""
         return {a.peer: a.paid for a in self.accounts.values()}
+
+
+def _uncancelled() -> trio.CancelScope:
+    return trio.CancelScope(shield=True)
 
 
 async def _ask(open_stream: Callable[[str, str], Awaitable[Any]], peer: str, req: dict) -> dict:

@@ -172,26 +172,33 @@ class BulkServer:
             raise wire.WireError("malformed", f"mode must be one of {sorted(bw.MODES)}")
         sm, indices = await self.pieces.resolve(req)
         peer = stream_peer(stream)
-        n_bytes = sum(sm.manifest.piece_len(i) for i in indices)
-        await self.pieces.bill(peer, sm, n_bytes, req)  # receipts taken, credit window (kvnet.p2p.billing)
+        sizes = [sm.manifest.piece_len(i) for i in indices]
+        # receipts taken, then a prefix within the credit window (kvnet.p2p.billing) and the byte budget
+        k = await self.pieces.bill(peer, sm, sizes, req)
+        n_bytes = sum(sizes[:k])
         try:
             self._reserve(peer)
         except BaseException:
             self.pieces.unbill(peer, n_bytes, n_bytes)
             raise
         try:
-            self.pieces.charge(peer, n_bytes)
+            fits = self.pieces.charge_prefix(peer, sizes[:k])
         except BaseException:
             with self._lock:
                 self._unreserve(peer)
             self.pieces.unbill(peer, n_bytes, n_bytes)
             raise
+        if fits < k:  # over the byte budget: the part that fits, the rest not granted
+            over = sum(sizes[fits:k])
+            self.pieces.unbill(peer, over, over)
+            k = fits
+        indices = indices[:k]
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
             self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s)
         await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "host": self.advertised_host, "port": self.port,
                                         "token": token, "fingerprint": self.fingerprint,
-                                        "ttl": int(self.limits.token_ttl_s)})
+                                        "ttl": int(self.limits.token_ttl_s), "granted": k})
 
     def _reserve(self, peer: str) -> None:
         """Count a new outstanding grant for `peer`, or refuse with `busy` (bounds what tokens hold)."""

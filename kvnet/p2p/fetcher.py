@@ -195,7 +195,10 @@ class Fetch:
                 with trio.fail_after(self.timeout):
                     head = await wire.read_frame(stream, wire.MAX_REQUEST)
                 paid = await self._paid(p, paid, head)
-                if head.get("done") is True:
+                if head.get("done") is True:  # a host at its credit window may grant a prefix only
+                    short = set(pieces) - set(self._granted(p, head, pieces))
+                    if remaining - short:
+                        raise _Drop("protocol", f"stream ended without pieces {sorted(remaining - short)[:5]}")
                     break
                 if "err" in head and "i" not in head:
                     # over its serving limits (busy, rate_limited) a provider is merely loaded, not lying
@@ -224,8 +227,6 @@ class Fetch:
                     raise _Drop("bad_piece", str(exc)) from exc
                 await trio.to_thread.run_sync(self.offer, p, i, data)  # to the writer, which stores it
                 remaining.discard(i)
-            if remaining:
-                raise _Drop("protocol", f"stream ended without pieces {sorted(remaining)[:5]}")
         except wire.WireError as exc:
             raise _Drop("protocol", str(exc)) from exc
         except trio.TooSlowError as exc:
@@ -259,11 +260,22 @@ class Fetch:
             self.payments.acknowledged(p.peer, paid)
         return None
 
+    def _granted(self, p: Provider, answer: dict, pieces: list[int]) -> list[int]:
+        """The pieces an answer grants: the first `granted` of those asked, in request order (all
+        when absent). A short answer means the host is at its credit window: pay it sooner."""
+        k = answer.get("granted", len(pieces))
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= len(pieces):
+            raise _Drop("protocol", f"granted {k!r} of {len(pieces)} pieces")
+        granted = sorted(pieces)[:k]
+        if self.payments is not None:
+            self.payments.granted(p.peer, sum(self.m.piece_len(i) for i in granted), k < len(pieces))
+        return granted
+
     async def _pay_wait(self, p: Provider) -> None:
         """A host wants payment before serving more: wait until something verified is owed to it."""
         assert self.payments is not None
         await self.payments.wait(p.peer, lambda: any(p.peer in a for a in self.in_flight.values()),
-                                 self.changed.wait)
+                                 lambda: self.changed.wait())  # the current event each time (no spin)
 
     def offer(self, p: Provider, i: int, data: bytearray | memoryview) -> None:
         """Hand a verified piece to the group writer (called from a receiving thread; blocks while
@@ -386,7 +398,7 @@ class Fetch:
             if not pieces:
                 return True
             try:
-                answer, host = await self._request_grant(p, pieces)
+                answer, host, granted = await self._request_grant(p, pieces)
             except billing.PaymentWait:
                 self._release(p, pieces)
                 await self._pay_wait(p)
@@ -403,8 +415,9 @@ class Fetch:
             except bulk_wire.BulkError as exc:
                 self._release(p, pieces)
                 return self._fallback(p, str(exc))
+            self._release(p, [i for i in pieces if i not in granted])  # not granted: back to the pool
             p.path = f"bulk-{self.bulk}"
-            await _BulkSession(self, p, conn).run(ClientGrant(answer["token"], pieces))
+            await _BulkSession(self, p, conn).run(ClientGrant(answer["token"], granted))
             if p.dropped is not None:
                 return True
 
@@ -414,9 +427,10 @@ class Fetch:
         log.info("provider %s: bulk path unavailable, using libp2p streams: %s", p.peer, why)
         return False
 
-    async def _request_grant(self, p: Provider, pieces: list[int]) -> tuple[dict, str]:
-        """Ask `p` for a bulk grant of `pieces`; its answer and the host to connect to. An error
-        frame or a malformed answer is `_Drop`; failing to open the stream is not (no bulk here)."""
+    async def _request_grant(self, p: Provider, pieces: list[int]) -> tuple[dict, str, list[int]]:
+        """Ask `p` for a bulk grant of `pieces`; its answer, the host to connect to and the pieces
+        granted (a prefix: the caller releases the rest). An error frame or a malformed answer is
+        `_Drop`; failing to open the stream is not (no bulk here)."""
         with trio.fail_after(self.timeout):
             stream = await self._open(p, bulk_wire.BULK_PROTOCOL)
         try:
@@ -440,7 +454,7 @@ class Fetch:
                 if not remote:
                     raise _Drop("protocol", "bulk grant without a host, and no remote address known")
                 host = remote[0]
-            return answer, host
+            return answer, host, self._granted(p, answer, pieces)
         except wire.WireError as exc:
             raise _Drop("protocol", str(exc)) from exc
         except trio.TooSlowError as exc:
@@ -494,6 +508,8 @@ class Fetch:
         self.writer = await self._open_writer()
         try:
             async with trio.open_nursery() as nursery:
+                if self.payments is not None:  # pays hosts as verified bytes accumulate (kvnet.p2p.billing)
+                    nursery.start_soon(self.payments.pay_along, self.open_stream, self.timeout)
                 for p in usable:
                     (background or nursery).start_soon(self._serve_from, p)
                 await self._until_settled()
@@ -557,8 +573,10 @@ class _BulkSession(Handler):
                     return
                 queued = False
                 try:
-                    answer, _ = await self.f._request_grant(self.p, pieces)
-                    self._queue(ClientGrant(answer["token"], pieces))
+                    answer, _, granted = await self.f._request_grant(self.p, pieces)
+                    self.f._release(self.p, [i for i in pieces if i not in granted])  # a prefix: the rest back
+                    pieces = granted
+                    self._queue(ClientGrant(answer["token"], granted))
                     queued = True
                 except billing.PaymentWait:  # pay for what arrives from the grants still streaming
                     self.f._release(self.p, pieces)

@@ -120,15 +120,16 @@ class PieceServer:
 
     # -- payments (kvnet.p2p.billing) -----------------------------------------------------------
 
-    async def bill(self, peer: str, sm: SignedManifest, n_bytes: int, req: dict) -> None:
-        """Take the request's receipts and grant `n_bytes` within the credit window, or raise the
-        WireError to answer (`pieces` and `bulk` alike). Without a biller, receipts are refused."""
+    async def bill(self, peer: str, sm: SignedManifest, sizes: list[int], req: dict) -> int:
+        """Take the request's receipts and grant the prefix of its pieces (`sizes`, in request order)
+        that fits the credit window: how many; or raise the WireError to answer (`pieces` and `bulk`
+        alike). Without a biller, receipts are refused."""
         raw = billing.receipts_field(req)
         if self.biller is None:
             if raw:
                 raise wire.WireError("malformed", "receipt must be nil: this node takes no payments")
-            return
-        await self.biller.admit(peer, sm, n_bytes, raw)
+            return len(sizes)
+        return await self.biller.admit(peer, sm, sizes, raw)
 
     def unbill(self, peer: str, granted: int, unsent: int) -> None:
         """A granted request is over, `unsent` of its `granted` bytes not sent after all (thread-safe)."""
@@ -291,6 +292,21 @@ class PieceServer:
                                f"over {self.limits.bytes_per_window} bytes per {self.limits.window_s:g} s")
         use.tokens -= n
 
+    def charge_prefix(self, peer: str, sizes: list[int]) -> int:
+        """Take from `peer`'s budget the longest prefix of `sizes` that fits: how many pieces (a bulk
+        grant over the budget is answered with the part that fits); `rate_limited` if not even one."""
+        use = self._peer_use(peer)
+        k, total = 0, 0
+        for n in sizes:
+            if total + n > use.tokens:
+                break
+            total, k = total + n, k + 1
+        if k == 0:
+            raise self._refuse(peer, use, "rate_limited",
+                               f"over {self.limits.bytes_per_window} bytes per {self.limits.window_s:g} s")
+        use.tokens -= total
+        return k
+
     async def resolve(self, req: dict) -> tuple[SignedManifest, list[int]]:
         """The manifest and piece indices a checked request asks for (`manifest`, then `ranges`, the
         manifest lookup, the indices against it, in the order docs/protocol.md gives), or the
@@ -311,10 +327,11 @@ class PieceServer:
         sm, indices = await self.resolve(req)
         mid = sm.id
         peer = stream_peer(stream)
-        granted = unsent = sum(sm.manifest.piece_len(i) for i in indices)
-        await self.bill(peer, sm, granted, req)
+        sizes = [sm.manifest.piece_len(i) for i in indices]
+        k = await self.bill(peer, sm, sizes, req)  # a prefix of the pieces within the credit window
+        granted = unsent = sum(sizes[:k])
         try:
-            for i in indices:
+            for i in indices[:k]:
                 try:
                     data = await self.runner.call(self.runner.store.read_piece, mid, i)
                 except (NotFoundError, ArtifactError):  # evicted, or found corrupt and dropped by the store
@@ -326,7 +343,7 @@ class PieceServer:
                 unsent -= sm.manifest.piece_len(i)
                 self.served_pieces += 1
                 self.served_bytes += len(data)
-            await wire.write_frame(stream, {"done": True})
+            await wire.write_frame(stream, {"done": True} if k == len(indices) else {"done": True, "granted": k})
         finally:
             self.unbill(peer, granted, unsent)  # what was granted and not sent is not owed
 

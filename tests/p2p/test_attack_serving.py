@@ -209,7 +209,8 @@ async def test_a_client_treats_rate_limited_as_load_not_a_lie(tmp_path):
     """An honest client over an (artificially small) budget gets `rate_limited` partway: it keeps the
     verified pieces it got, drops that provider for this fetch at the small `refused` cost (-1, not
     the -5 of a protocol violation), and the fetch reports what it could not get. Over `pieces`
-    streams (8-piece requests): a bulk grant of more than the budget is refused whole."""
+    streams (8-piece requests): (a bulk grant of more than the budget gets the part that fits:
+    tests/p2p/test_paid_grants.py)."""
     from kvnet.p2p.fetcher import FetchError
     from kvnet.p2p.scores import PENALTY
 

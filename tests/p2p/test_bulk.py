@@ -208,7 +208,7 @@ async def test_bad_expired_reused_and_wrong_mode_tokens_are_refused(tmp_path):
     async with trio.open_nursery() as n:
         await _start(n, p, c)
         ans = await _ask_grant(c, p, sm, [[0, 4]], "tcp")
-        assert set(ans) == {"v", "host", "port", "token", "fingerprint", "ttl"}
+        assert set(ans) == {"v", "host", "port", "token", "fingerprint", "ttl", "granted"}
         assert len(ans["token"]) == bw.TOKEN_BYTES and ans["ttl"] == 30 and ans["port"] == p.bulk.port
         assert await trio.to_thread.run_sync(_redeem_raw, ans["port"], secrets.token_bytes(16)) == b""
         got = await trio.to_thread.run_sync(_receive, ans, "tcp", sm, [0, 1, 2, 3])

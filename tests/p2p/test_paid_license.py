@@ -15,8 +15,8 @@ from kvnet import identity
 from kvnet.ledger import SpendingLimitError, SpendingLimits
 from kvnet.manifest import Terms
 from kvnet.p2p import billing, wire
-from kvnet.p2p.server import HostingTerms
-from kvnet.receipts import verify_batch
+from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms
+from kvnet.receipts import Line, verify_batch
 from tests.artifacts import fake_artifact
 from tests.p2p.conftest import make_node
 
@@ -95,3 +95,90 @@ async def test_a_license_price_over_the_limit_is_refused_before_any_byte_moves(t
     assert err.value.limit == "per_load"
     assert p.server.served_bytes == 0 and p.bulk.served_bytes == 0
     assert c.ledger.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 0
+
+
+async def _pieces(client, host, sm, ranges, receipt=None) -> list[dict]:
+    """A raw `pieces` request's frames (piece bytes read and dropped), up to `done` or an error."""
+    stream = await client.host.new_stream(host.peer_id, [PIECES_PROTOCOL])
+    frames = []
+    try:
+        with trio.fail_after(5):
+            await wire.write_frame(stream, {"v": 1, "manifest": sm.id, "ranges": ranges, "receipt": receipt})
+            while True:
+                head = await wire.read_frame(stream, wire.MAX_RESPONSE)
+                frames.append(head)
+                if "n" in head:
+                    await wire.read_exact(stream, head["n"])
+                if "done" in head or "err" in head:
+                    return frames
+    finally:
+        await stream.close()
+
+
+def _holding(tmp_path, name: str, sm, pieces):
+    node = make_node(tmp_path, name, timeout=3.0, terms=HostingTerms(fee_per_mib=0))
+    node.store.put_manifest(sm.raw)
+    node.store.put_pieces(sm.id, list(enumerate(pieces)))
+    return node
+
+
+@pytest.mark.trio
+async def test_a_host_refuses_a_priced_load_without_its_license_and_serves_it_with_one(tmp_path):
+    p = make_node(tmp_path, "P", timeout=3.0)
+    sm, pieces = _priced(p, 83)
+    free, free_pieces = fake_artifact(84, 1, piece_size=PIECE)  # no license price
+    mirror, other = _holding(tmp_path, "M", sm, pieces), _holding(tmp_path, "O", sm, pieces)
+    mirror.store.put_manifest(free.raw)
+    mirror.store.put_pieces(free.id, list(enumerate(free_pieces)))
+    c = make_node(tmp_path, "C", timeout=3.0)
+    n_pieces = len(sm.manifest.pieces)
+    async with trio.open_nursery() as n:
+        await n.start(mirror.run)
+        for node in (other, c):
+            node.bootstrap = [mirror.addrs[0]]
+            await n.start(node.run)
+        # without a license receipt: refused, naming the license; a free manifest needs none
+        got = await _pieces(c, mirror, sm, [[0, 1]])
+        assert got[-1]["err"] == "payment_required" and got[-1]["license"] == sm.id and "license" in got[-1]["msg"]
+        assert (await _pieces(c, mirror, free, [[0, 1]]))[-1] == {"done": True}
+        # with one: the whole load is served, and the host keeps the receipt for the publisher
+        ch = c.ledger.open_channel(_key(p), "USD", _key(mirror))
+        load1 = c.ledger.pay(ch, [Line(sm.id, "license", 1, PRICE)])
+        assert (await _pieces(c, mirror, sm, [[0, n_pieces]], [load1.raw]))[-1] == {"done": True}
+        assert verify_batch(mirror.ledger.export(role="held")).owed() == {(_key(c), "USD"): PRICE}
+        # one license is one load: asking for its pieces again needs the next one
+        assert (await _pieces(c, mirror, sm, [[0, 1]]))[-1]["err"] == "payment_required"
+        # a license receipt another host holds (the next load's, on the same channel) licenses one load here
+        load2 = c.ledger.pay(ch, [Line(sm.id, "license", 1, PRICE)])
+        assert (await _pieces(c, other, sm, [[0, n_pieces]], [load2.raw]))[-1] == {"done": True}
+        assert (await _pieces(c, other, sm, [[0, 1]], [load2.raw]))[-1]["err"] == "payment_required"  # only one
+        # an underpriced license is refused by rule, and licenses nothing
+        cheap = c.ledger.pay(ch, [Line(sm.id, "license", 1, PRICE - 1)])
+        got = await _pieces(c, other, sm, [[0, 1]], [cheap.raw])
+        assert got[-1]["err"] == "receipt_refused" and got[-1]["rule"] == "wrong_amount"
+        n.cancel_scope.cancel()
+    assert verify_batch(other.ledger.export(role="held")).owed() == {}  # nothing held there: it is the mirror's
+
+
+@pytest.mark.trio
+async def test_a_load_from_two_hosts_pays_its_license_once_and_both_require_it(tmp_path):
+    p = make_node(tmp_path, "P", timeout=3.0)
+    sm, pieces = _priced(p, 85)
+    a, b = _holding(tmp_path, "A", sm, pieces), _holding(tmp_path, "B", sm, pieces)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await n.start(a.run)
+        for node in (b, c, p):
+            node.bootstrap = [a.addrs[0]]
+            await n.start(partial(node.run, announce=node is not c))
+        found = await c.find_manifest(sm.id)
+        assert {x.peer for x in found.providers} == {_pid(a), _pid(b)}
+        result = await c.fetch(found)
+        assert result.fetched == len(pieces)
+        assert all(st["dropped"] is None for st in result.providers.values())
+        collected = sum([await p.collect_receipts(_pid(h)) for h in (a, b)])
+        n.cancel_scope.cancel()
+    assert c.ledger.db.execute("SELECT kind, units, amount FROM lines").fetchall() == [("license", 1, PRICE)]
+    assert collected == 1  # the same receipt at both hosts: the publisher holds it once
+    assert verify_batch(p.ledger.export(), _key(p)).owed() == {(_key(c), "USD"): PRICE}
+    assert a.server.biller.refusals == b.server.biller.refusals == {}  # it came with each first request

@@ -24,6 +24,7 @@ ROOT = Path(__file__).parents[2]
 FEE = 40
 MB = 48
 TAKEN = 24  # pieces a fetcher takes before it is paused, in the SIGKILL tests
+WINDOW_MIB = 8  # the payee's credit window in the SIGKILL tests: what it serves beyond what it was paid
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -34,10 +35,10 @@ def _kvnet(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvnet.cli", *args]
 
 
-def _serve(home: Path) -> tuple[subprocess.Popen, str]:
+def _serve(home: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """`kvnet serve --fee-per-mib FEE` for `home`: the process and its address."""
-    proc = subprocess.Popen(_kvnet("serve", "--home", str(home), "--fee-per-mib", str(FEE)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_kvnet("serve", "--home", str(home), "--fee-per-mib", str(FEE), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     first = proc.stdout.readline().split()
     if not first or first[0] != "listening":
         raise RuntimeError(f"kvnet serve did not start: {proc.stderr.read()}")
@@ -157,9 +158,7 @@ async def main():
     async with trio.open_nursery() as n:
         await n.start(partial(node.run, announce=False))
         try:
-            # 8-piece grants: receipts ride on every grant request, so the payee holds some when the
-            # SIGKILL lands (one provider's default grants of up to 64 pieces would pay only at the end)
-            r = await node.fetch(await node.find_manifest(mid), on_piece=on_piece, bulk_batch=8)
+            r = await node.fetch(await node.find_manifest(mid), on_piece=on_piece)
             print("done", r.fetched, r.already_had, flush=True)
         except FetchError as exc:
             print("failed", exc, flush=True)
@@ -198,12 +197,14 @@ def test_a_process_killed_mid_paid_transfer_resumes_and_both_ledgers_agree(tmp_p
     host = provider_home(tmp_path, "H", sm, pieces)
     payer = tmp_path / "F"
     identity.generate(payer / "identity.key")
-    proc, addr = _serve(host)
+    window = ("--credit-window", str(hosting_cost(WINDOW_MIB << 20, FEE)))
+    proc, addr = _serve(host, *window)
     try:
         # The fetcher takes TAKEN pieces and holds the rest at the door until the gate opens (see
-        # tests/p2p/paused_fetch.py). By then receipts have reached the payee: they ride on the third
-        # and later grant requests, and three 8-piece grants were answered. The payee has sent at most
-        # the two grants outstanding beyond them, 40 < 48 pieces, so a dead payee leaves the fetch short.
+        # tests/p2p/paused_fetch.py). The payee grants only what keeps the payer within its credit
+        # window: having granted TAKEN pieces it was paid for at least TAKEN - WINDOW_MIB of them (so it
+        # holds receipts when the SIGKILL lands), and it has sent at most TAKEN + WINDOW_MIB < 48 pieces
+        # (so a dead payee leaves the fetch short), whatever the grant sizes and timing.
         gate = tmp_path / "gate"
         f = _fetcher(tmp_path, payer, addr, sm.id, str(TAKEN), str(gate))
         _after_pieces(f, TAKEN)
@@ -213,12 +214,13 @@ def test_a_process_killed_mid_paid_transfer_resumes_and_both_ledgers_agree(tmp_p
         if who == "payee":
             gate.touch()  # what the payee sent before it died still arrives; the rest never will
             assert "failed" in _finish(f)  # its only provider died: the fetch fails, what verified is kept
-            proc, addr = _serve(host)  # the host restarts on the same home (ledger, store)
+            proc, addr = _serve(host, *window)  # the host restarts on the same home (ledger, store)
         with Store(payer / "store") as store:
             assert store.check() == []
             had = len(store.present_pieces(sm.id))
-        assert had == TAKEN if who == "payer" else TAKEN <= had <= TAKEN + 16 < len(pieces)
+        assert had == TAKEN if who == "payer" else TAKEN <= had <= TAKEN + WINDOW_MIB < len(pieces)
         paid_before = _channels(host, "in")
+        assert _hosting_bytes(host) >= (TAKEN - WINDOW_MIB) << 20  # paid along the transfer, not only at the end
         out = _finish(_fetcher(tmp_path, payer, addr, sm.id))
         assert f"done {len(pieces) - had} {had}" in out  # it resumed: only the rest was fetched
     finally:
@@ -233,5 +235,5 @@ def test_a_process_killed_mid_paid_transfer_resumes_and_both_ledgers_agree(tmp_p
     if who == "payee":
         assert paid >= sm.manifest.total_bytes
     else:
-        assert sm.manifest.total_bytes - paid <= 64 << 20
+        assert sm.manifest.total_bytes - paid <= WINDOW_MIB << 20
     assert cumulative >= hosting_cost(paid, FEE)

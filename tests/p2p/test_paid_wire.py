@@ -24,6 +24,10 @@ def test_documented_payment_limits_are_the_code_s():
     assert f"**default the cost of {billing.DEFAULT_WINDOW_MIB} MiB at the host's fee**" in PAYMENTS
     assert billing.default_window(40) == hosting_cost(64 << 20, 40) == 64 * 40
     assert f"at most **{billing.PRICE_SLACK}×** the best one" in PAYMENTS
+    assert f"at most **{billing.MAX_ACCOUNTS:,} payer accounts**" in PAYMENTS
+    assert f"**{billing.LICENSE_SHOWN_MAX_AGE_S:,} s**" in PAYMENTS and f"**{billing.PAY_EVERY >> 20} MiB**" in PAYMENTS
+    assert f"already keeps {billing.MAX_ACCOUNTS:,} payer accounts" in SPEC
+    assert f"at most\n{billing.MAX_SPEEDS:,} providers" in PAYMENTS
     assert {"payment_required", "debtor", "receipt_refused", "forbidden"} <= wire.ERROR_CODES
 
 
