@@ -506,7 +506,7 @@ class Payer:
                 raise first_err
             return FetchPayments(self, sm, [])
         chosen = self._choose(ok, scores)
-        return FetchPayments(self, sm, chosen)
+        return FetchPayments(self, sm, chosen, reserves=[p for p in ok if p not in chosen])
 
     def _choose(self, providers: list, scores: Any) -> list:
         ranked = rank_by_price([Candidate(p.peer, p.fee_per_mib, scores.get(p.peer) if scores else 0.0,
@@ -545,14 +545,15 @@ class Payer:
 class FetchPayments:
     """One fetch's payments: hosting per host, the load's license, receipts not yet acknowledged."""
 
-    def __init__(self, payer: Payer, sm: SignedManifest, providers: list) -> None:
+    def __init__(self, payer: Payer, sm: SignedManifest, providers: list, reserves: list | None = None) -> None:
         self.payer, self.sm = payer, sm
-        self.providers = providers
+        self.providers: list = []
+        # within the spending limits but left out for their price: the fetch turns to them only when
+        # the chosen ones cannot deliver (a cheap provider that lies in its offers, or vanishes, must
+        # not deny a fetch that a pricier honest one can serve)
+        self.reserves: list = list(reserves or [])
         self.accounts: dict[str, _Account] = {}
-        for p in providers:
-            key = peer_key(p.peer)
-            if key is not None:
-                self.accounts[p.peer] = _Account(p.peer, key, p.fee_per_mib, p.currency)
+        self._add(providers)
         # a load's license: signed once (on the channel to the publisher via the first host asked) and
         # shown with the first request to every host of the fetch (each requires it, docs/payments.md)
         self.license_due = (sm.manifest.terms.price_per_load > 0
@@ -562,6 +563,20 @@ class FetchPayments:
         self._unpaid_lock = threading.Lock()  # `verified` runs in receiving threads, `attach` in trio
         self._due = trio.Event()  # something is due for `pay_along`
         self._token: trio.lowlevel.TrioToken | None = None  # while `pay_along` runs
+
+    def _add(self, providers: list) -> None:
+        for p in providers:
+            self.providers.append(p)
+            key = peer_key(p.peer)
+            if key is not None and p.peer not in self.accounts:
+                self.accounts[p.peer] = _Account(p.peer, key, p.fee_per_mib, p.currency)
+
+    def use_reserves(self) -> list:
+        """The reserve providers, now paid like the chosen ones (the load's license, signed at most once,
+        is shown to them as to every host of the fetch); [] when there are none left."""
+        reserves, self.reserves = self.reserves, []
+        self._add(reserves)
+        return reserves
 
     def verified(self, peer: str, n: int) -> None:
         """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee. Once

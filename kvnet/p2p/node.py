@@ -587,14 +587,22 @@ class Node:
         # spending limits and provider choice (price, score, speed), before any byte moves
         pay = self.payer.start(sm, found.providers, sum(sm.manifest.piece_len(i) for i in needed), self.scores)
         await self.runner.call(self.store.put_manifest, sm.raw)
-        try:
-            result = await fetch_pieces(sm, needed, pay.providers, self.runner, self._open, self.scores,
-                                        background=self._background, window=window, batch=batch,
-                                        timeout=self.timeout, on_piece=on_piece, bulk=bulk, bulk_batch=bulk_batch,
-                                        payments=pay)
-        except FetchError:
-            await pay.settle(self._open, self.timeout)  # pay for what did verify
-            raise
+        providers = pay.providers
+        while True:
+            try:
+                result = await fetch_pieces(sm, needed, providers, self.runner, self._open, self.scores,
+                                            background=self._background, window=window, batch=batch,
+                                            timeout=self.timeout, on_piece=on_piece, bulk=bulk,
+                                            bulk_batch=bulk_batch, payments=pay)
+                break
+            except FetchError as exc:
+                await pay.settle(self._open, self.timeout)  # pay for what did verify
+                providers = pay.use_reserves()  # the pricier providers left out: the rest from them
+                if not providers:
+                    raise
+                # what did verify stays stored: fetch_pieces asks the reserves for the rest only
+                log.info("fetch of %s from its cheapest providers failed (%s); the rest from %d pricier ones",
+                         sm.id.hex()[:16], _cause(exc), len(providers))
         await pay.settle(self._open, self.timeout)
         self.payer.observed(result)
         self.last_paid = pay.totals()

@@ -222,6 +222,30 @@ async def test_a_pricier_host_still_serves_what_the_cheap_one_lacks(tmp_path):
         assert out == host.ledger.paid_by(_key(c), "USD") > 0
 
 
+@pytest.mark.trio
+async def test_a_cheap_host_that_cannot_serve_falls_back_to_a_pricier_one(tmp_path):
+    """A free host offers every piece, then has none (it evicted them, or lied): the fetch it was
+    chosen for fails there and goes on with the pricier host it had left out for its price, which
+    serves and is paid; nothing is paid to the free host."""
+    sm, pieces = fake_artifact(79, 2, piece_size=PIECE)
+    free = _holding(tmp_path, "free", sm, pieces, fee=0)
+    dear = _holding(tmp_path, "dear", sm, pieces, fee=100)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await _start(n, dear, free, c)
+        found = await c.find_manifest(sm.id)
+        assert {p.peer for p in found.providers} == {_pid(free), _pid(dear)}
+        assert [p.peer for p in c.payer.start(sm, found.providers, sm.manifest.total_bytes,
+                                              c.scores).providers] == [_pid(free)]  # dear left out
+        free.store.delete(sm.id, force=True)  # after its offer: every request is answered "missing"
+        result = await c.fetch(found)
+        n.cancel_scope.cancel()
+    assert c.store.missing_pieces(sm.id) == [] and result.providers[_pid(dear)]["pieces"] == len(pieces)
+    out = c.ledger.paid_by(_key(c), "USD", payee=_key(dear))
+    assert out == dear.ledger.paid_by(_key(c), "USD") >= hosting_cost(sm.manifest.total_bytes, 100)
+    assert c.ledger.paid_by(_key(c), "USD", payee=_key(free)) == 0
+
+
 def test_price_weighs_with_speed_and_score():
     # a cheaper host a little slower wins; one much slower, or with a bad record, loses
     assert rank_by_price([Candidate("a", 100, mb_per_s=100), Candidate("b", 50, mb_per_s=80)])[0][0] == "b"
