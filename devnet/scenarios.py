@@ -214,9 +214,12 @@ def _corrupt(node: DevNode, manifest_id: str) -> int:
 
 
 LIARS = ("forged", "foreign", "phantom")  # devnet/liar.py: each a separate process that lies in its offers
-# Lies a node scores down today. `phantom` (offers every piece, holds none, answers `missing`) is not:
-# an honest node that evicted the artifact since its offer answers the same; the fetch routes around it.
+# Lies a node's lookups catch and score down (each offer that fails verification).
 SCORED_LIES = frozenset({"forged", "foreign"})
+# Lies a fetch catches: `phantom` (offers every piece, holds none, answers `missing`) is scored down
+# (`phantom`, -3) by every fetch that asked it for pieces and got none; a fetch asks it whenever it is
+# the cheapest provider (liars charge no fee) or is among the providers the fetch splits pieces over.
+SCORED_IN_FETCH = frozenset({"phantom"})
 CATCH_LOOKUPS = 10  # lookups an agent's node may need before it has asked a liar (bounded, not timed)
 
 
@@ -253,8 +256,8 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000, liars: tuple[str, ...] = 
     (devnet/liar.py), started once the document is published: `forged` offers the document's
     manifest with a broken signature, `foreign` announces the document's prefix keys but offers a
     manifest of its own over other tokens, `phantom` offers the real manifest with every piece and
-    holds none (not scored today: its score is reported). All announce the document's manifest id
-    and chain keys."""
+    holds none (scored down by a fetch that asked it). All announce the document's manifest id and
+    chain keys."""
     if cluster.n < 3:
         raise RuntimeError("byzantine needs at least 3 nodes")
     doc = document(doc_bytes)
@@ -294,6 +297,7 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000, liars: tuple[str, ...] = 
     ok = all(r["exact"] and r["cached_tokens"] == pub["n_tokens"] and not r["corrupt_provider_supplied"]
              and not r["liars_supplied"]
              and all(s is not None and s < 0 for lie, s in r["liar_scores"].items() if lie in SCORED_LIES)
+             and all((r["liar_scores"].get(lie) or 0) < 0 for lie in r["liars_in_fetch"] if lie in SCORED_IN_FETCH)
              for r in rows)
     # Whether a fetch sends node1 a piece request at all depends on which provider's worker takes the
     # pieces first; when it does, node1 is dropped and scored down (bad_piece, -10), and its score is
@@ -302,7 +306,7 @@ def byzantine(cluster: Cluster, doc_bytes: int = 7000, liars: tuple[str, ...] = 
     return {"scenario": "byzantine", "ok": ok and bool(rows),
             "corrupt_node_itself": rotten, "document_tokens": pub["n_tokens"], "kv_bytes": pub["total_bytes"],
             "corrupt_node": bad.name, "liars": {lie: pid for pid, lie in liar_ids.items()},
-            "unscored_lies": sorted(set(liars) - SCORED_LIES), "agents": rows}
+            "unscored_lies": sorted(set(liars) - SCORED_LIES - SCORED_IN_FETCH), "agents": rows}
 
 
 SCENARIOS = {"basic": basic, "load": load, "churn": churn, "byzantine": byzantine}

@@ -71,6 +71,7 @@ class Provider:
     connected: bool = False  # a stream was opened to it in this fetch (so the libp2p connection exists)
     fee_per_mib: int = 0  # its offer's hosting fee and currency (kvnet.p2p.billing pays it)
     currency: str = "USD"
+    missing: int = 0  # pieces its offer claimed that it then answered "missing" for
     dial_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -210,6 +211,7 @@ class Fetch:
                 if head.get("err") == "missing":
                     remaining.discard(i)
                     p.have.discard(i)
+                    p.missing += 1
                     self._release(p, [i])
                     continue
                 n = wire.field(head, "n", int)
@@ -631,6 +633,7 @@ class _BulkSession(Handler):
 
     def _missing(self, grant: ClientGrant, index: int) -> None:
         self.p.have.discard(index)
+        self.p.missing += 1
         self.f._release(self.p, [index])
 
     def _done(self, grant: ClientGrant) -> None:
@@ -675,6 +678,8 @@ async def fetch_pieces(signed: SignedManifest, needed: list[int], providers: lis
     for p in f.providers:
         if p.dropped is None and p.pieces:
             scores.good(p.peer, p.pieces)
+        elif p.missing and not p.pieces:  # offered pieces, then served none of them: a phantom offer
+            scores.bad(p.peer, "phantom")
     stats = {p.peer: {"pieces": p.pieces, "bytes": p.bytes, "dropped": p.dropped} for p in f.providers}
     if f.pending:
         raise FetchError(f"{len(f.pending)} of {len(todo)} pieces could not be fetched "

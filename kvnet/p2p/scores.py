@@ -21,7 +21,8 @@ MAX_SCORE = 10.0
 # "over_limit": a peer whose stream this node reset at a connection or DHT cap (at most once per
 # LIMIT_PENALTY_WINDOW_S: a flood of refused streams costs one disk write, not one per stream).
 PENALTY = {"bad_piece": -10.0, "bad_length": -10.0, "timeout": -5.0, "protocol": -5.0, "unreachable": -2.0,
-           "refused": -1.0, "abuse": -5.0, "over_limit": -1.0, "overbilled": -10.0}
+           "refused": -1.0, "abuse": -5.0, "over_limit": -1.0, "overbilled": -10.0,
+           "phantom": -3.0}
 AVOID_BELOW = -15.0
 LIMIT_PENALTY_WINDOW_S = 60.0
 """A peer refused at a limit is scored down at most once per this many seconds (per reason)."""

@@ -226,7 +226,7 @@ async def test_a_pricier_host_still_serves_what_the_cheap_one_lacks(tmp_path):
 async def test_a_cheap_host_that_cannot_serve_falls_back_to_a_pricier_one(tmp_path):
     """A free host offers every piece, then has none (it evicted them, or lied): the fetch it was
     chosen for fails there and goes on with the pricier host it had left out for its price, which
-    serves and is paid; nothing is paid to the free host."""
+    serves and is paid; nothing is paid to the free host, which is scored down."""
     sm, pieces = fake_artifact(79, 2, piece_size=PIECE)
     free = _holding(tmp_path, "free", sm, pieces, fee=0)
     dear = _holding(tmp_path, "dear", sm, pieces, fee=100)
@@ -244,6 +244,7 @@ async def test_a_cheap_host_that_cannot_serve_falls_back_to_a_pricier_one(tmp_pa
     out = c.ledger.paid_by(_key(c), "USD", payee=_key(dear))
     assert out == dear.ledger.paid_by(_key(c), "USD") >= hosting_cost(sm.manifest.total_bytes, 100)
     assert c.ledger.paid_by(_key(c), "USD", payee=_key(free)) == 0
+    assert c.scores.get(_pid(free)) < 0  # it offered what it could not serve (here: `protocol`, no manifest)
 
 
 def test_price_weighs_with_speed_and_score():
