@@ -138,10 +138,11 @@ class _LyingBulk(BulkServer):
         data[len(data) // 2] ^= 0x01
         return data
 
-    def _send_span(self, conn, f, offset: int, size: int, buf) -> int:  # the path that skips _read_piece
+    def _send_piece(self, conn, f, i: int, offset: int, size: int, buf) -> int:  # the path that skips _read_piece
         data = bytearray(os.pread(f.fileno(), size, offset))
         data[len(data) // 2] ^= 0x01
-        conn.sendall(data)
+        conn.settimeout(self.limits.stall_s)
+        conn.sendall(bw.header(bw.KIND_PIECE, i, len(data)) + data)
         return len(data)
 
 
