@@ -98,14 +98,16 @@ class DataFiles:
         finally:
             self.close_fds(fd, direct_fd)
 
-    def open_for_write(self, mid: bytes, direct: bool = True) -> tuple[int, int | None]:
+    def open_for_write(self, mid: bytes, direct: bool = True, sync_dir: bool = True) -> tuple[int, int | None]:
         """(a read-write descriptor, an O_DIRECT one or None) of the artifact's data file, created if
-        needed (its directory entry made durable at once). Close both with `close_fds`."""
+        needed (its directory entry made durable at once, unless `sync_dir` is False: then the caller
+        must `fsync_dir(self.dir)` before it marks a piece of the file present). Close both with
+        `close_fds`."""
         path = self.path(mid)
         created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if created:
+            if created and sync_dir:
                 fsync_dir(self.dir)
             return fd, self._open_direct(path) if direct and self._direct is not False else None
         except BaseException:
