@@ -55,6 +55,9 @@ piece = 1 << 20
 if mode == "tls":  # the context (and its imports) before the receiver's clock starts
     from kvnet.p2p.bulk_server import make_tls_context
     ctx, _ = make_tls_context()
+    if sys.argv[5] != "product":
+        from kvnet.p2p.bulk_wire import prefer_aes128_gcm
+        assert prefer_aes128_gcm(ctx, sys.argv[5].encode())
 srv = socket.socket(); srv.bind(("127.0.0.1", port)); srv.listen(1)
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
@@ -200,10 +203,11 @@ def receive(sock: socket.socket, n: int, store: Store | None, timers: Timers, bu
     timers.add("receiver: queue hand-off", handoff)
 
 
-def run_once(src: Path, tmp: Path, mode: str, writers: int, durable: bool) -> dict:
+def run_once(src: Path, tmp: Path, mode: str, writers: int, durable: bool, suites: str = "product") -> dict:
+    """One transfer of `src`; `suites`: the sender's TLS 1.3 cipher suites ("product": kvnet's)."""
     n = src.stat().st_size // PIECE
-    proc = subprocess.Popen([sys.executable, "-c", SENDER, str(src), mode, "0", str(ROOT)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, str(src), mode, "0", str(ROOT), suites],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
     timers, buffers = Timers(), queue.SimpleQueue()
@@ -239,6 +243,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["tcp", "tls", "both"], default="both")
     ap.add_argument("--writers", type=int, default=WRITERS, help="O_DIRECT writer threads")
     ap.add_argument("--no-store", action="store_true", help="receive + BLAKE3 only")
+    ap.add_argument("--suites", default="product",
+                    help="the sender's TLS 1.3 suites, e.g. TLS_AES_256_GCM_SHA384 (default: kvnet's order)")
     ap.add_argument("--dir", type=Path, default=None, help="where the data files go (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "bulk_floor.json")
     args = ap.parse_args()
@@ -249,7 +255,7 @@ def main() -> None:
         src = tmp / "source.kv"
         src.write_bytes(os.urandom(args.mb * PIECE))
         for mode in modes:
-            runs = [run_once(src, tmp, mode, args.writers, not args.no_store) for _ in range(args.runs)]
+            runs = [run_once(src, tmp, mode, args.writers, not args.no_store, args.suites) for _ in range(args.runs)]
             for f in tmp.glob("floor-*"):
                 f.unlink()
             med = {k: statistics.median(r["cpu_s_per_gib"].get(k, 0.0) for r in runs) for k in runs[0]["cpu_s_per_gib"]}

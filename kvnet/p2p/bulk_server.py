@@ -71,6 +71,7 @@ def make_tls_context() -> tuple[ssl.SSLContext, bytes]:
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         ctx.load_cert_chain(cert_path, key_path)
+    bw.prefer_aes128_gcm(ctx)  # the server's order decides the suite (OP_CIPHER_SERVER_PREFERENCE)
     return ctx, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
