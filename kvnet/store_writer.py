@@ -7,7 +7,8 @@ on a trio round trip per piece, and the group's writes, its fdatasync and its co
 after another (docs/benchmarks.md, "Bulk path": the writer was busy ~90% of a fetch). A GroupWriter
 takes pieces from any thread through a bounded `queue.Queue` (its backpressure blocks the receiver
 thread, not an event loop), writes each at its offset in the artifact's data file in WRITER_THREADS
-threads (O_DIRECT from page-aligned buffers, kvnet.store_files), and a committer thread makes every
+threads (O_DIRECT from page-aligned buffers, kvnet.store_files; consecutive pieces that are queued
+together go out as one pwritev, so a disk that falls behind gets larger writes), and a committer thread makes every
 group durable with one fdatasync and marks it present with one transaction on its own SQLite
 connection (WAL), while the writer threads keep writing the next pieces.
 
