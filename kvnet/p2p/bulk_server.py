@@ -85,6 +85,7 @@ class Grant:
     indices: list[int]
     mode: str
     expires: float  # time.monotonic()
+    spans: list[tuple[Path, int, int] | None] | None = None  # looked up when issued (None: at send time)
 
 
 class _Closed(Exception):
@@ -173,6 +174,11 @@ class BulkServer:
         if mode not in bw.MODES:
             raise wire.WireError("malformed", f"mode must be one of {sorted(bw.MODES)}")
         sm, indices = await self.pieces.resolve(req)
+        store = self.pieces.runner.store
+        # the pieces' places in the data file, looked up now (the grant's libp2p round trip hides it)
+        # so that the connection thread goes from one grant's end to the next grant's bytes without
+        # waiting on this loop; a file removed meanwhile is answered `missing` when the grant is sent
+        spans = None if store.verify_on_read else await self.pieces.runner.call(_piece_spans, store, sm.id, indices)
         peer = stream_peer(stream)
         n_bytes = sum(sm.manifest.piece_len(i) for i in indices)
         await self.pieces.bill(peer, sm, n_bytes, req)  # receipts taken, credit window (kvnet.p2p.billing)
@@ -190,7 +196,8 @@ class BulkServer:
             raise
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
-            self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s)
+            self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s,
+                                        spans)
         await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "host": self.advertised_host, "port": self.port,
                                         "token": token, "fingerprint": self.fingerprint,
                                         "ttl": int(self.limits.token_ttl_s)})
@@ -356,8 +363,10 @@ class BulkServer:
         worker round trip and a fresh buffer per piece were most of the provider's time. A piece the
         store cannot place (not present, or a store layout without data files) goes through the read
         path, which answers it as before (the piece, or `missing`)."""
-        spans = trio.from_thread.run(self.pieces.runner.call, _piece_spans, self.pieces.runner.store,
-                                     grant.signed.id, grant.indices, trio_token=self._trio_token)
+        spans = grant.spans
+        if spans is None:
+            spans = trio.from_thread.run(self.pieces.runner.call, _piece_spans, self.pieces.runner.store,
+                                         grant.signed.id, grant.indices, trio_token=self._trio_token)
         files: dict[Path, Any] = {}
         plain = grant.mode == bw.MODE_TCP
         # TLS: header and piece in one buffer, so one sendall (and one TLS record fewer) per piece
