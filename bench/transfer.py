@@ -13,6 +13,10 @@ to raw TCP's; "received" is the bytes read from providers over the artifact's si
 and by all provider processes together, median over runs: on a shared 2-core machine it says
 whether a row is limited by the CPU it can get.
 
+--breakdown: where the CPU of a durable 1-provider bulk fetch goes, per stage, in CPU seconds per GiB
+(thread_time in the thread that does each stage; the fetcher's and the provider's trio loop are their
+main threads' CPU), next to the same stages in bench/bulk_floor.py's minimal script.
+
 Remote reuse (--reuse-tokens, default 2048, on --reuse-model `qwen3-0.6b-shape`, bf16): a document is
 published into a provider's store and served by a real `kvnet serve` process; "full prefill" runs
 document + question to the first answer token; "local reuse" loads the verified KV from the
