@@ -13,6 +13,10 @@ to raw TCP's; "received" is the bytes read from providers over the artifact's si
 and by all provider processes together, median over runs: on a shared 2-core machine it says
 whether a row is limited by the CPU it can get.
 
+--breakdown: where the CPU of a durable 1-provider bulk fetch goes, per stage, in CPU seconds per GiB
+(thread_time in the thread that does each stage; the fetcher's and the provider's trio loop are their
+main threads' CPU), next to the same stages in bench/bulk_floor.py's minimal script.
+
 Remote reuse (--reuse-tokens, default 2048, on --reuse-model `qwen3-0.6b-shape`, bf16): a document is
 published into a provider's store and served by a real `kvnet serve` process; "full prefill" runs
 document + question to the first answer token; "local reuse" loads the verified KV from the
@@ -112,6 +116,18 @@ def proc_cpu(pids: list[int]) -> float:
     return total
 
 
+def main_thread_cpu(pids: list[int]) -> float:
+    """CPU seconds used so far by the main thread of each process (a node's trio loop)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def run_queue_wait(pids: list[int]) -> float:
     """Seconds the threads of these processes spent runnable but waiting for a CPU (schedstat's second
     field, summed over the threads alive now: a lower bound across an interval in which threads end)."""
@@ -132,10 +148,12 @@ async def fetch_once(tmp: Path, bootstrap: str, mid: bytes, n_providers: int, wi
         await nursery.start(partial(client.run, announce=False))  # like `kvnet fetch`
         found = await _found(client, mid, n_providers)
         pids = provider_pids or []
-        cpu0, prov0 = time.process_time(), proc_cpu(pids)
+        cpu0, prov0, loop0 = time.process_time(), proc_cpu(pids), time.thread_time()
+        pmain0 = main_thread_cpu(pids)
         wait0, pwait0 = run_queue_wait([os.getpid()]), run_queue_wait(pids)
         result = await client.fetch(found, found.signed.manifest.n_tokens, window=window, batch=batch, bulk=bulk)
         cpu = {"fetcher": time.process_time() - cpu0, "providers": proc_cpu(pids) - prov0,
+               "fetcher_loop": time.thread_time() - loop0, "providers_loop": main_thread_cpu(pids) - pmain0,
                "fetcher_wait": run_queue_wait([os.getpid()]) - wait0, "providers_wait": run_queue_wait(pids) - pwait0}
         nursery.cancel_scope.cancel()
     client.store.close()
@@ -297,8 +315,8 @@ def reuse_table(res: dict, model: str, n_tokens: int, runs: int) -> Table:
 
 
 class Breakdown:
-    """Benchmark only: timers wrapped around the fetcher's receive path (this process), as in
-    docs/benchmarks.md's breakdown: seconds per fetch, summed over threads."""
+    """Benchmark only: timers wrapped around the fetcher's receive path (this process): wall and
+    CPU (thread_time) seconds per fetch, summed over threads."""
 
     def __init__(self) -> None:
         import threading
@@ -308,9 +326,9 @@ class Breakdown:
         self.t: dict[str, float] = {}
         self._lock = threading.Lock()
         conn = bulk_client.BulkConnection
-        conn._recv_exact = self._wall("receiver: recv (headers + pieces)", conn._recv_exact)
-        bulk_client.verify_piece = self._wall("receiver: BLAKE3 of every piece", bulk_client.verify_piece)
-        fetcher.Fetch.offer = self._wall("receiver: hand-off to the writer (queue, backpressure)", fetcher.Fetch.offer)
+        conn._recv_exact = self._both("receiver: recv_into (headers + pieces)", conn._recv_exact)
+        bulk_client.verify_piece = self._both("receiver: BLAKE3", bulk_client.verify_piece)
+        fetcher.Fetch.offer = self._both("receiver: hand-off to the writer (queue, backpressure)", fetcher.Fetch.offer)
         conn.run = self._cpu("receiver thread: CPU", conn.run)
         fetch = fetcher.Fetch._open_writer
 
@@ -322,7 +340,8 @@ class Breakdown:
         offer = fetcher.Fetch.offer
 
         def first(f, *a):
-            self.t.setdefault("first piece handed over, after the writer opened (s)", time.perf_counter() - self.t0)
+            self.t.setdefault("first piece handed over, after the writer opened (wall s)",
+                              time.perf_counter() - self.t0)
             return offer(f, *a)
         fetcher.Fetch.offer = first
 
@@ -330,13 +349,14 @@ class Breakdown:
         with self._lock:
             self.t[name] = self.t.get(name, 0.0) + dt
 
-    def _wall(self, name: str, fn):
+    def _both(self, name: str, fn):
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*a, **k)
             finally:
-                self._add(name, time.perf_counter() - t0)
+                self._add(name + " (wall s)", time.perf_counter() - t0)
+                self._add(name, time.thread_time() - c0)
         return timed
 
     def _cpu(self, name: str, fn):
@@ -349,13 +369,32 @@ class Breakdown:
         return timed
 
 
+# (breakdown row, floor row): the floor's stage (bench/bulk_floor.py) that a product row compares with
+FLOOR_ROWS = {
+    "receiver: recv_into (headers + pieces)": "receiver: recv_into (headers + pieces)",
+    "receiver: BLAKE3": "receiver: BLAKE3",
+    "receiver: hand-off to the writer (queue, backpressure)": "receiver: queue hand-off",
+    "writer threads: CPU": "writer threads: O_DIRECT pwrite",
+    "committer thread: CPU (fdatasync + index commit)": None,
+    "fetcher process: CPU": "receiver process",
+    "provider process: CPU": "sender process",
+}
+
+
 def breakdown(args: argparse.Namespace) -> dict:
-    """Where the time of one durable fetch from 1 provider goes (median of --runs per step)."""
+    """Where the CPU (and time) of one durable fetch from 1 provider goes, per GiB, against the floor
+    of the same stages in one minimal script (bench/bulk_floor.py); medians of --runs."""
+    from bench import bulk_floor
+
     bd = Breakdown()
     out: dict[str, dict[str, float]] = {}
+    floor: dict[str, dict[str, float]] = {}
+    gib = args.mb / 1024
     with tempfile.TemporaryDirectory(prefix="kvnet-breakdown-") as tmpdir:
         tmp = Path(tmpdir)
         sm, pieces = fake_artifact(7, args.mb, kv_shape=(28, 8, 128))
+        src = tmp / "floor-source.kv"
+        src.write_bytes(b"".join(pieces)[: (sm.manifest.total_bytes // bulk_floor.PIECE) * bulk_floor.PIECE])
         proc, addr = serve_process(provider_home(tmp, "P1", sm, pieces))
         del pieces
         try:
@@ -365,26 +404,47 @@ def breakdown(args: argparse.Namespace) -> dict:
                     bd.t = {}
                     res = trio.run(fetch_once, tmp / f"B-{mode}-{r}", addr, sm.id, 1, args.window, args.batch, mode,
                                    [proc.pid])
-                    st = res["store"]
-                    runs.append({"whole fetch (s)": res["seconds"], "MB/s": res["mb_s"], **bd.t,
-                                 "writer: O_DIRECT pwrite, wall summed over its threads": st["pwrite"],
-                                 "writer threads: CPU": st["writer_cpu"], "committer: fdatasync": st["fdatasync"],
-                                 "committer: index commit": st["commit"], "groups committed": st["groups"],
-                                 "fetcher process: CPU": res["cpu"]["fetcher"],
-                                 "provider process: CPU": res["cpu"]["providers"],
-                                 "fetcher: runnable, waiting for a CPU (at least)": res["cpu"]["fetcher_wait"],
-                                 "provider: runnable, waiting for a CPU (at least)": res["cpu"]["providers_wait"]})
-                out[mode] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+                    st, c = res["store"], res["cpu"]
+                    row = {k: v / gib for k, v in bd.t.items() if "wall" not in k}
+                    row.update({"writer threads: CPU": st["writer_cpu"] / gib,
+                                "committer thread: CPU (fdatasync + index commit)": st.get("committer_cpu", 0.0) / gib,
+                                "fetcher: trio loop (main thread)": c["fetcher_loop"] / gib,
+                                "fetcher process: CPU": c["fetcher"] / gib,
+                                "provider: trio loop (main thread)": c["providers_loop"] / gib,
+                                "provider: other threads (bulk connection, store)":
+                                    (c["providers"] - c["providers_loop"]) / gib,
+                                "provider process: CPU": c["providers"] / gib,
+                                "fetcher: runnable, waiting for a CPU (at least)": c["fetcher_wait"] / gib,
+                                "provider: runnable, waiting for a CPU (at least)": c["providers_wait"] / gib,
+                                "wall: whole fetch (s per GiB)": res["seconds"] / gib,
+                                **{k + " (s per GiB)": v / gib for k, v in bd.t.items() if "wall" in k},
+                                "wall: O_DIRECT pwrite, summed over the writer threads (s per GiB)": st["pwrite"] / gib,
+                                "wall: fdatasync (s per GiB)": st["fdatasync"] / gib,
+                                "wall: index commit (s per GiB)": st["commit"] / gib,
+                                "groups committed": st["groups"], "MB/s (wall)": res["mb_s"]})
+                    runs.append(row)
+                keys = list(dict.fromkeys(k for r in runs for k in r))
+                out[mode] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+                fl = [bulk_floor.run_once(src, tmp, mode, bulk_floor.WRITERS, True) for _ in range(args.runs)]
+                floor[mode] = {k: statistics.median(f["cpu_s_per_gib"].get(k, 0.0) for f in fl)
+                               for k in fl[0]["cpu_s_per_gib"]}
+                floor[mode]["MB/s (wall)"] = statistics.median(f["mb_s"] for f in fl)
         finally:
             proc.terminate()
             proc.wait(10)
-    table = Table("step (seconds per fetch, median)", "bulk tcp", "bulk tls",
-                  title=f"where the time of one durable {args.mb} MiB fetch from 1 provider goes, {args.runs} runs")
+    table = Table("stage (CPU s per GiB unless marked, median)", "bulk tcp", "floor tcp", "bulk tls", "floor tls",
+                  title=f"where the CPU of a durable {args.mb} MiB fetch from 1 provider goes, product vs floor "
+                  f"(bench/bulk_floor.py), {args.runs} runs")
     for k in out["tcp"]:
-        fmt = "{:.0f}" if k in ("MB/s", "groups committed") else "{:.3f}"
-        table.add_row(k, fmt.format(out["tcp"][k]), fmt.format(out["tls"].get(k, 0.0)))
+        fk = "MB/s (wall)" if k == "MB/s (wall)" else FLOOR_ROWS.get(k)
+        fmt = "{:.0f}" if k in ("MB/s (wall)", "groups committed") else "{:.3f}"
+        cells = []
+        for mode in ("tcp", "tls"):
+            cells.append(fmt.format(out[mode].get(k, 0.0)))
+            cells.append(fmt.format(floor[mode][fk]) if fk and fk in floor[mode] else "")
+        table.add_row(k, *cells)
     console.print(table)
-    return out
+    return {"product": out, "floor": floor, "unit": "CPU s per GiB unless the key says otherwise"}
 
 
 def main() -> None:

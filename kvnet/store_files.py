@@ -98,14 +98,16 @@ class DataFiles:
         finally:
             self.close_fds(fd, direct_fd)
 
-    def open_for_write(self, mid: bytes, direct: bool = True) -> tuple[int, int | None]:
+    def open_for_write(self, mid: bytes, direct: bool = True, sync_dir: bool = True) -> tuple[int, int | None]:
         """(a read-write descriptor, an O_DIRECT one or None) of the artifact's data file, created if
-        needed (its directory entry made durable at once). Close both with `close_fds`."""
+        needed (its directory entry made durable at once, unless `sync_dir` is False: then the caller
+        must `fsync_dir(self.dir)` before it marks a piece of the file present). Close both with
+        `close_fds`."""
         path = self.path(mid)
         created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if created:
+            if created and sync_dir:
                 fsync_dir(self.dir)
             return fd, self._open_direct(path) if direct and self._direct is not False else None
         except BaseException:
@@ -127,6 +129,19 @@ class DataFiles:
             self._write_direct(direct_fd, offset, data)
         else:
             _pwrite_all(fd, data, offset)
+
+    def write_run(self, fd: int, direct_fd: int | None, offset: int, datas: Sequence[Buffer]) -> None:
+        """Write pieces that lie back to back from `offset` (a run of consecutive indices): with one
+        O_DIRECT pwritev when every piece is a page-aligned buffer of aligned length (one large
+        write instead of several: fewer syscalls, and the disk takes 4 MiB writes faster than 1 MiB
+        ones), else piece by piece as `write_at`. Not durable until the caller's fdatasync."""
+        if (len(datas) > 1 and direct_fd is not None and _aligned(offset, ALIGN)
+                and all(_aligned(0, len(d)) and _is_aligned_buffer(d) for d in datas)):
+            _pwritev_all(direct_fd, datas, offset)
+            return
+        for d in datas:
+            self.write_at(fd, direct_fd, offset, d)
+            offset += len(d)
 
     def _wants_direct(self, items: Sequence[tuple[int, Buffer]]) -> bool:
         return self._direct is not False and any(_aligned(off, len(d)) for off, d in items)
@@ -217,3 +232,17 @@ def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _pwritev_all(fd: int, datas: Sequence[Buffer], offset: int) -> None:
+    """pwritev until every byte is written (a short write continues from where it stopped, which
+    stays aligned for O_DIRECT since the kernel writes whole blocks)."""
+    views = [memoryview(d).cast("B") for d in datas]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]

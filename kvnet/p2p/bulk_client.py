@@ -59,6 +59,7 @@ def _tls_client_context() -> ssl.SSLContext:
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    bw.prefer_aes128_gcm(ctx)
     return ctx
 
 

@@ -25,6 +25,7 @@ import queue
 import secrets
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -70,6 +71,7 @@ def make_tls_context() -> tuple[ssl.SSLContext, bytes]:
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         ctx.load_cert_chain(cert_path, key_path)
+    bw.prefer_aes128_gcm(ctx)  # the server's order decides the suite (OP_CIPHER_SERVER_PREFERENCE)
     return ctx, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
@@ -83,6 +85,7 @@ class Grant:
     indices: list[int]
     mode: str
     expires: float  # time.monotonic()
+    spans: list[tuple[Path, int, int] | None] | None = None  # looked up when issued (None: at send time)
 
 
 class _Closed(Exception):
@@ -171,6 +174,11 @@ class BulkServer:
         if mode not in bw.MODES:
             raise wire.WireError("malformed", f"mode must be one of {sorted(bw.MODES)}")
         sm, indices = await self.pieces.resolve(req)
+        store = self.pieces.runner.store
+        # the pieces' places in the data file, looked up now (the grant's libp2p round trip hides it)
+        # so that the connection thread goes from one grant's end to the next grant's bytes without
+        # waiting on this loop; a file removed meanwhile is answered `missing` when the grant is sent
+        spans = None if store.verify_on_read else await self.pieces.runner.call(_piece_spans, store, sm.id, indices)
         peer = stream_peer(stream)
         sizes = [sm.manifest.piece_len(i) for i in indices]
         # receipts taken, then a prefix within the credit window (kvnet.p2p.billing) and the byte budget
@@ -195,7 +203,8 @@ class BulkServer:
         indices = indices[:k]
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
-            self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s)
+            self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s,
+                                        spans)
         await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "host": self.advertised_host, "port": self.port,
                                         "token": token, "fingerprint": self.fingerprint,
                                         "ttl": int(self.limits.token_ttl_s), "granted": k})
@@ -361,15 +370,25 @@ class BulkServer:
         worker round trip and a fresh buffer per piece were most of the provider's time. A piece the
         store cannot place (not present, or a store layout without data files) goes through the read
         path, which answers it as before (the piece, or `missing`)."""
-        spans = trio.from_thread.run(self.pieces.runner.call, _piece_spans, self.pieces.runner.store,
-                                     grant.signed.id, grant.indices, trio_token=self._trio_token)
+        spans = grant.spans
+        if spans is None:
+            spans = trio.from_thread.run(self.pieces.runner.call, _piece_spans, self.pieces.runner.store,
+                                         grant.signed.id, grant.indices, trio_token=self._trio_token)
         files: dict[Path, Any] = {}
-        buf = None if grant.mode == bw.MODE_TCP else bytearray(grant.signed.manifest.piece_size)
+        plain = grant.mode == bw.MODE_TCP
+        # TLS: header and piece in one buffer, so one sendall (and one TLS record fewer) per piece
+        buf = None if plain else bytearray(bw.HEADER.size + grant.signed.manifest.piece_size)
+        if plain:  # blocking sends with a kernel send timeout: no poll before every sendfile chunk
+            _blocking_sends(conn, self.limits.stall_s)
         try:
             for i, span in zip(grant.indices, spans, strict=True):
                 if span is None:
+                    if plain:
+                        conn.settimeout(self.limits.stall_s)
                     self._send_grant_read(conn, Grant(grant.token, grant.peer, grant.signed, [i], grant.mode,
                                                       grant.expires))
+                    if plain:
+                        _blocking_sends(conn, self.limits.stall_s)
                     continue
                 path, offset, size = span
                 try:
@@ -377,12 +396,13 @@ class BulkServer:
                 except FileNotFoundError:  # removed since: the piece is gone
                     conn.sendall(bw.header(bw.KIND_MISSING, i, 0))
                     continue
-                conn.sendall(bw.header(bw.KIND_PIECE, i, size))
-                if self._send_span(conn, f, offset, size, buf) != size:  # the file was cut after the header
+                sent = self._send_piece(conn, f, i, offset, size, buf)
+                if sent != size:  # the file was cut after the header
                     raise _Closed("internal")
                 self.served_pieces += 1
                 self.served_bytes += size
         finally:
+            conn.settimeout(self.limits.stall_s)
             for f in files.values():
                 f.close()
 
@@ -437,20 +457,45 @@ class BulkServer:
         return trio.from_thread.run(self.pieces.runner.call, self.pieces.runner.store.read_piece, mid, i,
                                     trio_token=self._trio_token)
 
-    @staticmethod
-    def _send_span(conn: socket.socket, f: Any, offset: int, size: int, buf: bytearray | None) -> int:
-        """Send `size` bytes of file `f` from `offset`: with os.sendfile when `buf` is None (a plain
-        socket), else read through `buf` (TLS must encrypt in user space). Returns the bytes sent, fewer
-        only if the file ends first."""
+    def _send_piece(self, conn: socket.socket, f: Any, i: int, offset: int, size: int, buf: bytearray | None) -> int:
+        """One piece record from file `f`: with os.sendfile when `buf` is None (a plain socket), else
+        through `buf` (TLS must encrypt in user space). Returns the piece bytes sent."""
         if buf is None:
-            return conn.sendfile(f, offset, size)
-        view, got = memoryview(buf)[:size], 0
+            return self._sendfile_piece(conn, f, i, offset, size)
+        return self._send_tls_piece(conn, f, i, offset, size, buf)
+
+    def _sendfile_piece(self, conn: socket.socket, f: Any, i: int, offset: int, size: int) -> int:
+        """Header, then `size` bytes of `f` from `offset` with os.sendfile on a blocking socket (the
+        header waits for the piece's first bytes: MSG_MORE). Returns the bytes sent, fewer only if
+        the file ends first; TimeoutError if the record is not accepted within stall_s."""
+        deadline = time.monotonic() + self.limits.stall_s
+        try:
+            conn.sendall(bw.header(bw.KIND_PIECE, i, size), socket.MSG_MORE)
+            sent = 0
+            while sent < size:
+                n = os.sendfile(conn.fileno(), f.fileno(), offset + sent, size - sent)
+                if n == 0:
+                    break
+                sent += n
+                if sent < size and time.monotonic() > deadline:
+                    raise TimeoutError(f"piece {i} not accepted within {self.limits.stall_s} s")
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired with nothing accepted
+            raise TimeoutError(f"piece {i} not accepted within {self.limits.stall_s} s") from exc
+        return sent
+
+    @staticmethod
+    def _send_tls_piece(conn: socket.socket, f: Any, i: int, offset: int, size: int, buf: bytearray) -> int:
+        """Header and piece read into `buf` after it, sent with one sendall (TLS encrypts in user
+        space). Returns the piece bytes sent, fewer only if the file ends first (then nothing is sent)."""
+        h = bw.HEADER.size
+        view, got = memoryview(buf)[: h + size], 0
         while got < size:
-            n = os.preadv(f.fileno(), [view[got:]], offset + got)
+            n = os.preadv(f.fileno(), [view[h + got:]], offset + got)
             if n == 0:
-                break
+                return got
             got += n
-        conn.sendall(view[:got])
+        bw.HEADER.pack_into(buf, 0, bw.KIND_PIECE, bw.RESERVED, i, size)
+        conn.sendall(view)
         return got
 
     @staticmethod
@@ -471,6 +516,15 @@ def _piece_spans(store: Store, mid: bytes, indices: list[int]) -> list[tuple[Pat
         except NotFoundError:
             out.append(None)
     return out
+
+
+def _blocking_sends(conn: socket.socket, timeout: float) -> None:
+    """Make `conn` blocking, with the kernel's send timeout (SO_SNDTIMEO) as the stall limit: a send
+    or sendfile then waits in the kernel instead of Python polling the socket before every chunk
+    (what `socket.sendfile` does on a socket with a timeout)."""
+    conn.settimeout(None)
+    sec = int(timeout)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((timeout - sec) * 1e6)))
 
 
 def _grant_bytes(g: Grant) -> int:

@@ -50,7 +50,11 @@ OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
 WRITE_BATCH = 16  # pieces per group commit (one fdatasync, one index transaction)
 BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
-MIN_BULK_GRANT = 8  # pieces; shares shrink as a fetch ends (without this floor: 31 grants per 256 pieces, 3 providers)
+# pieces; shares shrink as a fetch ends. A grant that streams in less time than the next grant's libp2p
+# round trip (20-50 ms on 2 loaded cores, up to ~300 ms) idles the connection: 256 pieces from 3
+# providers took 18 grants (down to 8, 4 and 1 pieces) with shares of left / (2 x live) and a floor of
+# 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
+MIN_BULK_GRANT = 16
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
 
@@ -145,7 +149,7 @@ class Fetch:
         fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)
         live = sum(1 for q in self.providers if q.dropped is None) or 1
         if bulk:  # a share of what is left, but never tiny: each grant costs a libp2p round trip on both sides
-            share = len(fresh) // (BULK_GRANTS_AHEAD * live)
+            share = len(fresh) // live  # from a lone provider: full grants
             fresh = fresh[: min(self.bulk_batch, max(MIN_BULK_GRANT, share))]
         else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
             fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
@@ -626,10 +630,13 @@ class _BulkSession(Handler):
         self.f.offer(self.p, index, data)
 
     def missing(self, grant: ClientGrant, index: int) -> None:
-        trio.from_thread.run_sync(self._missing, grant, index)
+        self.f._soon(self._missing, grant, index)  # no round trip: the receiver reads on at once
 
     def done(self, grant: ClientGrant) -> None:
-        trio.from_thread.run_sync(self._done, grant)
+        # queued, not waited for: the receiver goes straight to the next grant's records (a blocking
+        # round trip to the trio loop here was 2-4 ms of idle connection per grant); trio runs it
+        # before it learns that the receiver thread ended (one FIFO queue)
+        self.f._soon(self._done, grant)
 
     def _missing(self, grant: ClientGrant, index: int) -> None:
         self.p.have.discard(index)

@@ -10,6 +10,8 @@ import os
 import queue
 import secrets
 import socket
+import ssl
+import threading
 
 import pytest
 import trio
@@ -18,7 +20,7 @@ from kvnet import canonical
 from kvnet.p2p import bulk_wire as bw
 from kvnet.p2p import wire
 from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
-from kvnet.p2p.bulk_server import BulkServer
+from kvnet.p2p.bulk_server import BulkServer, make_tls_context
 from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD
 from kvnet.p2p.scores import PENALTY
 from tests.artifacts import fake_artifact
@@ -138,10 +140,11 @@ class _LyingBulk(BulkServer):
         data[len(data) // 2] ^= 0x01
         return data
 
-    def _send_span(self, conn, f, offset: int, size: int, buf) -> int:  # the path that skips _read_piece
+    def _send_piece(self, conn, f, i: int, offset: int, size: int, buf) -> int:  # the path that skips _read_piece
         data = bytearray(os.pread(f.fileno(), size, offset))
         data[len(data) // 2] ^= 0x01
-        conn.sendall(data)
+        conn.settimeout(self.limits.stall_s)
+        conn.sendall(bw.header(bw.KIND_PIECE, i, len(data)) + data)
         return len(data)
 
 
@@ -278,6 +281,24 @@ async def test_a_wrong_certificate_fingerprint_aborts_before_the_token_is_sent(t
         got = await trio.to_thread.run_sync(_receive, ans, "tls", sm, [0, 1, 2, 3])  # the token was never sent
         assert sorted(got.got) == [0, 1, 2, 3]
         n.cancel_scope.cancel()
+
+
+def test_the_bulk_listener_picks_aes_128_gcm_even_for_a_client_in_openssls_default_order():
+    """Pin test of bulk_wire.prefer_aes128_gcm (a ctypes call into the libssl Python loaded): if a
+    Python or OpenSSL update moves the SSL_CTX pointer, the helper refuses and this fails."""
+    server, _ = make_tls_context()
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # not kvnet's: OpenSSL's default suite order
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    a, b = socket.socketpair()
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(server.wrap_socket(a, server_side=True).cipher()))
+    t.start()
+    with client.wrap_socket(b) as tls:
+        assert tls.cipher()[:2] == ("TLS_AES_128_GCM_SHA256", "TLSv1.3")
+    t.join(10)
+    a.close()
+    assert got and got[0][0] == "TLS_AES_128_GCM_SHA256"
+    assert bw.prefer_aes128_gcm(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
 
 
 @pytest.mark.trio
