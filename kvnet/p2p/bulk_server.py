@@ -201,6 +201,7 @@ class BulkServer:
             self.pieces.unbill(peer, over, over)
             k = fits
         indices = indices[:k]
+        spans = None if spans is None else spans[:k]  # a prefix granted: its pieces' places only
         token = secrets.token_bytes(bw.TOKEN_BYTES)
         with self._lock:
             self._grants[token] = Grant(token, peer, sm, indices, mode, time.monotonic() + self.limits.token_ttl_s,
