@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import queue
 import threading
@@ -57,6 +58,10 @@ BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
 MIN_BULK_GRANT = 16
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
+# ... and only for a piece asked of its provider at least this long ago: a duplicate is paid for and
+# doubles the bytes, so a piece on its way from a healthy provider is not asked twice (a small
+# artifact is all endgame: without the wait every piece of it came, and was paid, twice)
+ENDGAME_AFTER_S = 1.0
 
 
 class FetchError(NetworkError):
@@ -76,6 +81,7 @@ class Provider:
     fee_per_mib: int = 0  # its offer's hosting fee and currency (kvnet.p2p.billing pays it)
     currency: str = "USD"
     missing: int = 0  # pieces its offer claimed that it then answered "missing" for
+    endgame_at: float = math.inf  # (trio clock) when a duplicate it could ask for becomes due
     dial_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -125,6 +131,7 @@ class Fetch:
         self.buffers: queue.SimpleQueue = queue.SimpleQueue()  # piece buffers the bulk receivers reuse
         self.on_piece = on_piece
         self.in_flight: dict[int, set[str]] = {}  # piece -> peers asked for it
+        self.asked_at: dict[int, float] = {}  # piece in flight -> when it was first asked (trio clock)
         self.changed = trio.Event()
         self.fetched = 0
         self.bytes = 0
@@ -153,15 +160,26 @@ class Fetch:
             fresh = fresh[: min(self.bulk_batch, max(MIN_BULK_GRANT, share))]
         else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
             fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
+        now = trio.current_time()
+        p.endgame_at = math.inf
         if not fresh:
             with self._lock:
                 unqueued = sorted(self.pending - self.queued)
             if len(unqueued) <= ENDGAME_PIECES:
-                fresh = [i for i in unqueued if i in p.have and len(self.in_flight.get(i, ())) == 1
-                         and p.peer not in self.in_flight[i]][:1]
+                dup = [i for i in unqueued if i in p.have and len(self.in_flight.get(i, ())) == 1
+                       and p.peer not in self.in_flight[i]]
+                fresh = [i for i in dup if now - self.asked_at[i] >= ENDGAME_AFTER_S][:1]
+                if dup and not fresh:  # wake this provider's waiter when the oldest one is due
+                    p.endgame_at = min(self.asked_at[i] for i in dup) + ENDGAME_AFTER_S
         for i in fresh:
             self.in_flight.setdefault(i, set()).add(p.peer)
+            self.asked_at.setdefault(i, now)
         return fresh
+
+    async def _wait_changed(self, p: Provider) -> None:
+        """Until the fetch changes, or until an endgame duplicate `p` could ask for is due."""
+        with trio.move_on_at(p.endgame_at):
+            await self.changed.wait()
 
     def _release(self, p: Provider, pieces: list[int]) -> None:
         for i in pieces:
@@ -170,6 +188,7 @@ class Fetch:
                 askers.discard(p.peer)
                 if not askers:
                     del self.in_flight[i]
+                    self.asked_at.pop(i, None)
         self._wake()
 
     def _wake(self) -> None:
@@ -337,6 +356,7 @@ class Fetch:
                 if self.on_piece:
                     self.on_piece(self.total - len(self.pending), self.total)
             self.in_flight.pop(w.index, None)
+            self.asked_at.pop(w.index, None)
         self._wake()
 
     def _failed(self, exc: Exception) -> None:
@@ -393,7 +413,7 @@ class Fetch:
                 return pieces
             if not any(i in p.have for i in self.pending):
                 break
-            await self.changed.wait()
+            await self._wait_changed(p)
         return []
 
     async def _bulk_sessions(self, p: Provider) -> bool:
@@ -475,7 +495,7 @@ class Fetch:
             if not pieces:
                 if not any(i in p.have for i in self.pending):
                     return
-                await self.changed.wait()
+                await self._wait_changed(p)
                 continue
             try:
                 try:
@@ -614,7 +634,7 @@ class _BulkSession(Handler):
             pieces = f._take(p, bulk=True)
             if pieces or not self.left:
                 return pieces
-            await f.changed.wait()
+            await f._wait_changed(p)
         return []
 
     async def _watch(self) -> None:

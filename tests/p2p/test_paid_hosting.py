@@ -251,6 +251,29 @@ async def test_a_cheap_host_that_cannot_serve_falls_back_to_a_pricier_one(tmp_pa
     assert c.scores.get(_pid(free)) < 0  # it offered what it could not serve (here: `protocol`, no manifest)
 
 
+@pytest.mark.trio
+async def test_a_small_artifact_from_two_hosts_comes_and_is_paid_once(tmp_path, monkeypatch):
+    """A 4-piece artifact is all endgame (at most ENDGAME_PIECES left from the start): a piece on its
+    way from a healthy host is not asked of the second one before ENDGAME_AFTER_S (set long here, so
+    that no machine is slow enough to reach it), so every byte comes once and is paid once."""
+    from kvnet.p2p import fetcher
+
+    monkeypatch.setattr(fetcher, "ENDGAME_AFTER_S", 60.0)
+    sm, pieces = fake_artifact(80, 1, piece_size=1 << 18)  # 4 pieces of 256 KiB
+    a, b = (_holding(tmp_path, name, sm, pieces, fee=FEE) for name in ("A", "B"))
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await _start(n, a, b, c)
+        found = await c.find_manifest(sm.id)
+        assert len(found.providers) == 2
+        result = await c.fetch(found)
+        n.cancel_scope.cancel()
+    assert result.fetched == len(pieces) and result.received_bytes == sm.manifest.total_bytes
+    units = sum(host.ledger.db.execute("SELECT COALESCE(SUM(units), 0) FROM lines WHERE kind='hosting'")
+                .fetchone()[0] for host in (a, b))
+    assert units == sm.manifest.total_bytes  # the two hosts together were paid for each byte once
+
+
 def test_price_weighs_with_speed_and_score():
     # a cheaper host a little slower wins; one much slower, or with a bad record, loses
     assert rank_by_price([Candidate("a", 100, mb_per_s=100), Candidate("b", 50, mb_per_s=80)])[0][0] == "b"
