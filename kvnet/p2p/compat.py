@@ -200,7 +200,7 @@ apply()
 
 # -- 4. swarm: inbound slots freed on close, per-address limits, idle close, one inbound connection
 #       per peer, streams capped per connection (peers over a cap reported), no auto-dialing, closed
-#       connections unregistered before a new stream ------------------------------------------------
+#       connections unregistered before kvnet opens a stream --------------------------------------
 
 import contextlib  # noqa: E402 - this section's own imports
 import inspect  # noqa: E402
@@ -536,7 +536,6 @@ def disable_auto_connect(swarm: Any) -> None:
     swarm.auto_connector.start = _auto_connector_stays_stopped
 
 
-_UPSTREAM_NEW_STREAM = _swarm.Swarm.new_stream
 
 
 def prune_closed_connections(swarm: Any, peer_id: Any) -> int:
@@ -557,19 +556,10 @@ def prune_closed_connections(swarm: Any, peer_id: Any) -> int:
     return len(stale)
 
 
-async def new_stream_pruning_closed(self: Any, peer_id: Any) -> Any:
-    """Replacement for `Swarm.new_stream`: closed connections of the peer are unregistered first
-    (prune_closed_connections), so a new one is dialled; otherwise upstream's `new_stream`."""
-    if prune_closed_connections(self, peer_id):
-        _swarm.logger.debug("unregistered closed connections to %s before a new stream", peer_id)
-    return await _UPSTREAM_NEW_STREAM(self, peer_id)
-
-
 def apply_swarm_patches() -> None:
     """Install section 4's module-level patches (idempotent)."""
     _swarm.Swarm._do_handle_inbound_connection = handle_inbound_until_closed
     _swarm_conn.SwarmConn._handle_muxed_stream = handle_stream_capped
-    _swarm.Swarm.new_stream = new_stream_pruning_closed
 
 
 apply_swarm_patches()

@@ -153,7 +153,12 @@ class Fetch:
         A request is up to `batch` pieces (a bulk grant up to `bulk_batch`), but no more than a share
         of what is left per request slot of the live providers, so that every provider gets work and
         the last pieces are spread over the providers instead of queued behind one."""
-        fresh = sorted(i for i in self.pending if i in p.have and i not in self.in_flight)
+        # rarest first (then in order, so grants stay runs of consecutive pieces): a provider takes the
+        # pieces fewer live providers hold before those others could serve too, so the one host of some
+        # pieces (often a pricier one, kept for them, kvnet.p2p.billing) is not busy with shared ones
+        live_have = [q.have for q in self.providers if q.dropped is None]
+        fresh = sorted((i for i in self.pending if i in p.have and i not in self.in_flight),
+                       key=lambda i: (sum(i in h for h in live_have), i))
         live = sum(1 for q in self.providers if q.dropped is None) or 1
         if bulk:  # a share of what is left, but never tiny: each grant costs a libp2p round trip on both sides
             share = len(fresh) // live  # from a lone provider: full grants

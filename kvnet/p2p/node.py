@@ -31,7 +31,7 @@ from kvnet import chain
 from kvnet.errors import BootstrapError
 from kvnet.ledger import Ledger, SpendingLimits
 from kvnet.manifest import ManifestError, SignedManifest, parse
-from kvnet.p2p import billing, bulk_wire, proofs, wire
+from kvnet.p2p import billing, bulk_wire, compat, proofs, wire
 from kvnet.p2p import dht as kdht
 from kvnet.p2p.bulk_server import BulkServer
 from kvnet.p2p.fetcher import BULK_BATCH, FetchError, FetchResult, Provider, fetch_pieces
@@ -568,7 +568,9 @@ class Node:
     # -- fetching -------------------------------------------------------------------------------
 
     async def _open(self, peer: str, protocol: str):
-        return await self.host.new_stream(ID.from_base58(peer), [protocol])
+        pid = ID.from_base58(peer)
+        compat.prune_closed_connections(self.host.get_network(), pid)  # else a stale one fails it for good
+        return await self.host.new_stream(pid, [protocol])
 
     async def fetch(self, found: Found, n_tokens: int | None = None, *, on_piece=None, window: int = 4,
                     batch: int = 8, bulk: str | None = bulk_wire.DEFAULT_MODE,

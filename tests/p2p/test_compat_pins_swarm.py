@@ -203,8 +203,9 @@ async def _stale_connection(client, server) -> object:
 
 @pytest.mark.trio
 async def test_a_closed_registered_connection_is_replaced_by_a_new_dial():
-    """Upstream's new_stream fails for good on such a peer ("No valid connections"); the patched one
-    unregisters the closed connection, dials, and the stream works."""
+    """Upstream's new_stream fails for good on such a peer ("No valid connections"); once
+    prune_closed_connections (what kvnet's Node._open calls first) unregistered the closed connection,
+    new_stream dials and the stream works."""
     server, client = make_host(Ed25519PrivateKey.generate()), make_host(Ed25519PrivateKey.generate())
 
     async def echo(stream) -> None:
@@ -214,10 +215,10 @@ async def test_a_closed_registered_connection_is_replaced_by_a_new_dial():
     async with running(server, ["/ip4/127.0.0.1/tcp/0"]), running(client, ["/ip4/127.0.0.1/tcp/0"]):
         server.set_stream_handler("/kvnet/test/1", echo)
         swarm = client.get_network()
-        assert swarm_module.Swarm.new_stream is compat.new_stream_pruning_closed
         stale = await _stale_connection(client, server)
         with pytest.raises(swarm_module.SwarmException, match="No valid connections"):
-            await compat._UPSTREAM_NEW_STREAM(swarm, server.get_id())  # the bug, pinned
+            await client.new_stream(server.get_id(), ["/kvnet/test/1"])  # the bug, pinned
+        assert compat.prune_closed_connections(swarm, server.get_id()) == 1
         with trio.fail_after(10):
             stream = await client.new_stream(server.get_id(), ["/kvnet/test/1"])
             await stream.write(b"hi")
