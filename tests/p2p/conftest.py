@@ -7,7 +7,9 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from kvnet.p2p import wire
 from kvnet.p2p.node import Node
+from kvnet.p2p.server import PIECES_PROTOCOL
 from kvnet.store import Store
 
 
@@ -44,3 +46,21 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def ask_frames(client, host, protocol: str, msg: dict) -> tuple[list[dict], int]:
+    """One request's answer frames and the piece bytes read, up to `done`, an error, or one frame."""
+    stream = await client.host.new_stream(host.peer_id, [protocol])
+    frames, got = [], 0
+    try:
+        with trio.fail_after(5):
+            await wire.write_frame(stream, msg)
+            while True:
+                head = await wire.read_frame(stream, wire.MAX_RESPONSE)
+                frames.append(head)
+                if "n" in head:
+                    got += len(await wire.read_exact(stream, head["n"]))
+                if protocol != PIECES_PROTOCOL or "done" in head or "err" in head:
+                    return frames, got
+    finally:
+        await stream.close()

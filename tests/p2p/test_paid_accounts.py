@@ -16,28 +16,10 @@ from kvnet.p2p import billing, wire
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms
 from kvnet.receipts import Line, hosting_cost
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import holding, make_node, pid, start_nodes
+from tests.p2p.conftest import ask_frames, holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16
 FEE = 64  # 4 micro-units per 64 KiB piece
-
-
-async def _ask(client, host, protocol: str, msg: dict) -> list[dict]:
-    """One request's answer frames (piece bytes read and dropped), up to `done` or an error."""
-    stream = await client.host.new_stream(host.peer_id, [protocol])
-    frames = []
-    try:
-        with trio.fail_after(5):
-            await wire.write_frame(stream, msg)
-            while True:
-                head = await wire.read_frame(stream, wire.MAX_RESPONSE)
-                frames.append(head)
-                if "n" in head:
-                    await wire.read_exact(stream, head["n"])
-                if protocol != PIECES_PROTOCOL or "done" in head or "err" in head:
-                    return frames
-    finally:
-        await stream.close()
 
 
 def _identity() -> str:
@@ -53,18 +35,18 @@ async def test_a_full_account_table_drops_settled_payers_and_refuses_new_ones_bu
     req = {"v": 1, "manifest": sm.id, "ranges": [[0, 2]], "receipt": None}
     async with trio.open_nursery() as n:
         await start_nodes(n, h, a, b)
-        assert (await _ask(a, h, PIECES_PROTOCOL, req))[-1] == {"done": True}  # A owes two pieces
+        assert (await ask_frames(a, h, PIECES_PROTOCOL, req))[0][-1] == {"done": True}  # A owes two pieces
         for _ in range(2):  # the table is full of an unsettled account: B is refused, A untouched
-            got = await _ask(b, h, PIECES_PROTOCOL, req)
+            got, _ = await ask_frames(b, h, PIECES_PROTOCOL, req)
             assert got[-1]["err"] == "busy"
         assert set(h.server.biller._debts) == {identity.public_bytes(a.key)}
         assert h.server.biller.owed(pid(a)) == 8 and h.server.biller.owed(pid(b)) == 0
         # A pays what it owes over /kvnet/receipts/1.0.0: settled, so B's account takes its place
         ch = a.ledger.open_channel(identity.public_bytes(h.key), "USD")
         paid = a.ledger.pay(ch, [Line(sm.id, "hosting", 2 * PIECE, hosting_cost(2 * PIECE, FEE))])
-        assert await _ask(a, h, billing.RECEIPTS_PROTOCOL, {"v": 1, "op": "pay", "receipt": [paid.raw]}) == [
-            {"v": 1, "ok": True}]
-        assert (await _ask(b, h, PIECES_PROTOCOL, req))[-1] == {"done": True}
+        frames, _ = await ask_frames(a, h, billing.RECEIPTS_PROTOCOL, {"v": 1, "op": "pay", "receipt": [paid.raw]})
+        assert frames == [{"v": 1, "ok": True}]
+        assert (await ask_frames(b, h, PIECES_PROTOCOL, req))[0][-1] == {"done": True}
         assert set(h.server.biller._debts) == {identity.public_bytes(b.key)}
         assert h.ledger.paid_by(identity.public_bytes(a.key), "USD") == 8  # A's receipt stays in the ledger
         n.cancel_scope.cancel()

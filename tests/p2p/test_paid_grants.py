@@ -12,33 +12,15 @@ import pytest
 import trio
 
 from kvnet import identity
-from kvnet.p2p import billing, bulk_wire, wire
+from kvnet.p2p import billing, bulk_wire
 from kvnet.p2p.fetcher import Provider
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms, ServeLimits
 from kvnet.receipts import Line, hosting_cost, verify_batch
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import holding, make_node, pid, start_nodes
+from tests.p2p.conftest import ask_frames, holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16
 FEE = 64  # 4 micro-units per 64 KiB piece
-
-
-async def _ask(client, host, protocol: str, msg: dict) -> tuple[list[dict], int]:
-    """One request's answer frames and the piece bytes read, up to `done`, an error, or one frame."""
-    stream = await client.host.new_stream(host.peer_id, [protocol])
-    frames, got = [], 0
-    try:
-        with trio.fail_after(5):
-            await wire.write_frame(stream, msg)
-            while True:
-                head = await wire.read_frame(stream, wire.MAX_RESPONSE)
-                frames.append(head)
-                if "n" in head:
-                    got += len(await wire.read_exact(stream, head["n"]))
-                if protocol != PIECES_PROTOCOL or "done" in head or "err" in head:
-                    return frames, got
-    finally:
-        await stream.close()
 
 
 def _key(node) -> bytes:
@@ -53,22 +35,22 @@ async def test_a_host_grants_the_prefix_of_a_request_that_fits_its_credit_window
     async with trio.open_nursery() as n:
         await start_nodes(n, h, c)
         # a bulk grant of 8 pieces: three fit the window of 12 (4 each); the answer says so
-        (ans,), _ = await _ask(c, h, bulk_wire.BULK_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 8]],
+        (ans,), _ = await ask_frames(c, h, bulk_wire.BULK_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 8]],
                                                                "receipt": None})
         assert ans["granted"] == 3 and len(ans["token"]) == bulk_wire.TOKEN_BYTES
         assert h.server.biller.owed(pid(c)) == 12  # what it granted, not what it was asked for
         # at the window: one piece past it, and the `pieces` answer's end says so
-        frames, got = await _ask(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[8, 16]],
+        frames, got = await ask_frames(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[8, 16]],
                                                          "receipt": None})
         assert [f.get("i") for f in frames[:-1]] == [8] and frames[-1] == {"done": True, "granted": 1}
         # over the window, with the grant not yet sent: pay first
-        frames, got = await _ask(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[9, 16]],
+        frames, got = await ask_frames(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[9, 16]],
                                                          "receipt": None})
         assert frames[-1]["err"] == "payment_required" and got == 0
         # paying for the four: the next request is served the three that fit the window
         ch = c.ledger.open_channel(_key(h), "USD")
         paid = c.ledger.pay(ch, [Line(sm.id, "hosting", 4 * PIECE, hosting_cost(4 * PIECE, FEE))])
-        frames, got = await _ask(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[9, 16]],
+        frames, got = await ask_frames(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[9, 16]],
                                                          "receipt": [paid.raw]})
         assert [f.get("i") for f in frames[:-1]] == [9, 10, 11] and got == 3 * PIECE
         assert frames[-1] == {"done": True, "granted": 3}
@@ -85,9 +67,9 @@ async def test_a_bulk_grant_over_the_byte_budget_gets_the_part_that_fits(tmp_pat
     req = {"v": 1, "manifest": sm.id, "ranges": [[0, 8]], "receipt": None}
     async with trio.open_nursery() as n:
         await start_nodes(n, h, c)
-        (ans,), _ = await _ask(c, h, bulk_wire.BULK_PROTOCOL, req)
+        (ans,), _ = await ask_frames(c, h, bulk_wire.BULK_PROTOCOL, req)
         assert ans["granted"] == 3  # was: refused whole with rate_limited
-        (ans,), _ = await _ask(c, h, bulk_wire.BULK_PROTOCOL, req)
+        (ans,), _ = await ask_frames(c, h, bulk_wire.BULK_PROTOCOL, req)
         assert ans["err"] == "rate_limited"  # nothing left of the budget
         n.cancel_scope.cancel()
 
@@ -145,7 +127,7 @@ async def test_a_payment_for_bytes_a_restarted_host_forgot_buys_no_new_credit(tm
         await start_nodes(n, h, c)
         ch = c.ledger.open_channel(_key(h), "USD")
         before = c.ledger.pay(ch, [Line(sm.id, "hosting", 8 * PIECE, hosting_cost(8 * PIECE, FEE))])
-        frames, got = await _ask(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 16]],
+        frames, got = await ask_frames(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 16]],
                                                          "receipt": [before.raw]})
         assert frames[-1] == {"done": True, "granted": 2} and got == 2 * PIECE  # the window, not 8 more pieces
         n.cancel_scope.cancel()
