@@ -8,6 +8,7 @@ this module applies the module-level patches; kvnet/p2p/host.py imports it befor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ import libp2p.kad_dht.value_store as _kad_values
 import libp2p.stream_muxer.muxer_multistream as _muxer_multistream
 import libp2p.transport.tcp.tcp as _tcp
 import trio
+from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 UPSTREAM_VERSION = "0.8.1"
@@ -34,6 +36,10 @@ YAMUX_RECEIVE_WINDOW = 4 * 1024 * 1024
 """What a kvnet node grants each stream it opens or accepts (measured on loopback: 256 KiB windows
 stall bulk piece transfer on a window update every 256 KiB; 4 MiB keeps one 1 MiB piece and the
 next few in flight)."""
+
+FRAME_WRITE_DEADLINE_S = 10.0
+"""How long one yamux frame's write may take before the connection is closed (see
+`GrantingYamux._write_frame`: a frame is written whole or the connection goes down)."""
 
 
 async def grant_receive_window(stream: YamuxStream, window: int = YAMUX_RECEIVE_WINDOW) -> int:
@@ -87,6 +93,29 @@ class GrantingYamux(Yamux):
         if isinstance(stream, YamuxStream):
             await _grant_or_log(stream)
         return stream
+
+    async def _write_frame(self, data: bytes) -> None:
+        """Write one frame whole, or close the connection.
+
+        Upstream writes a frame with `secured_conn.write` in the caller's task, so cancelling the
+        caller (a timeout, a fetch that finished and cancels its helpers) can stop the write halfway:
+        part of a Noise message is on the wire, and every later frame on the connection is garbage to
+        the peer. The next stream to that peer then failed with "handshake write failed" (seen when a
+        fetch cancelled a payment on its way: tests/p2p/test_paid_hosting.py). So the write itself is
+        shielded from the caller's cancellation, bounded by FRAME_WRITE_DEADLINE_S; a cancellation
+        that arrived meanwhile is delivered right after. A write that cannot finish in time has broken
+        the framing anyway: the connection is closed and the write fails.
+        """
+        async with self._write_lock:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FRAME_WRITE_DEADLINE_S
+                await self.secured_conn.write(data)
+            if scope.cancelled_caught:
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.secured_conn.close()
+                raise MuxedConnUnavailable(f"a yamux frame write took over {FRAME_WRITE_DEADLINE_S:g} s: "
+                                           "connection closed")
+        await trio.lowlevel.checkpoint()
 
 
 async def _grant_or_log(stream: YamuxStream) -> None:
@@ -202,7 +231,6 @@ apply()
 #       per peer, streams capped per connection (peers over a cap reported), no auto-dialing, closed
 #       connections unregistered before kvnet opens a stream --------------------------------------
 
-import contextlib  # noqa: E402 - this section's own imports
 import inspect  # noqa: E402
 
 import libp2p.network.connection.swarm_connection as _swarm_conn  # noqa: E402 - this section's upstream

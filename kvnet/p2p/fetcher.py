@@ -282,12 +282,17 @@ class Fetch:
 
     async def _paid(self, p: Provider, paid: list[bytes] | None, head: dict) -> None:
         """Act on the first answer to a request that carried `paid`: a payment refusal raises
-        billing.PaymentWait / PayDrop; anything else acknowledges the receipts. Returns None (so the
-        next frames of the same answer acknowledge nothing)."""
+        billing.PaymentWait / PayDrop; an answer the host gave after taking the receipts (pieces, a
+        grant) acknowledges them. Any other error may come before the host read them (`busy` for a
+        stream over its limit, an unknown manifest): they stay unacknowledged and go again with the
+        next request or `settle` (a receipt the host already holds is taken as a replay). Returns
+        None (so the next frames of the same answer acknowledge nothing)."""
         if self.payments is not None:
-            if head.get("err") in billing.PAYMENT_CODES and "i" not in head:
+            err = head.get("err") if "i" not in head else None
+            if err in billing.PAYMENT_CODES:
                 await self.payments.refused(p.peer, head, paid)
-            self.payments.acknowledged(p.peer, paid)
+            if err is None:
+                self.payments.acknowledged(p.peer, paid)
         return None
 
     def _granted(self, p: Provider, answer: dict, pieces: list[int]) -> list[int]:
