@@ -62,6 +62,10 @@ MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten 
 LICENSE_SHOWN_MAX_AGE_S = 3600  # a license receipt another host holds licenses a load here if signed this recently
 MAX_SHOWN = 64  # such receipts an account remembers (each licenses one load here)
 PAY_EVERY = 16 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
+# requests paying nothing, with nothing open, after a `payment_required`, that are still answered
+# `payment_required` before the payer is a debtor: they may have been sent before the payer saw the
+# first refusal (a kvnet payer has at most 8 pieces streams and 8 bulk grant requests out to one host)
+UNPAID_ASKS_BEFORE_DEBTOR = 16
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
@@ -111,7 +115,7 @@ class _Debt:
     granted: int = 0
     paid: int = 0
     open: int = 0  # bytes of requests granted and not finished (a stream still sending, a grant not yet sent)
-    warned: bool = False  # answered `payment_required` and paid nothing since
+    warned: int = 0  # requests answered `payment_required` (paying nothing, nothing open) since it last paid
     licensed: dict[bytes, int] = field(default_factory=dict)  # manifest -> piece bytes its licenses still cover
     shown: list[bytes] = field(default_factory=list)  # ids of license receipts held elsewhere that licensed a load
 
@@ -198,7 +202,7 @@ class Biller:
                 # never beyond what this process granted: a payment for bytes served before a restart
                 # (or before the account was dropped) settles them in the ledger but buys no new credit
                 d.paid = min(d.paid + units, d.granted)
-                d.warned = False
+                d.warned = 0
             self._license(d, sr, sm)
         return units
 
@@ -297,9 +301,10 @@ class Biller:
             idle = debt.open == 0
         debtor = self.ledger.is_debtor(payer)
         if debtor or owed > self.window:
-            # everything it was granted was sent, it was told to pay, and it asks again paying nothing
-            # (once is not enough: the last grant may still be on its way to it when it asks)
-            if debtor or (paid_now == 0 and idle and debt.warned):
+            # everything it was granted was sent, it was told to pay, and it asks again paying nothing,
+            # more often than it can have had requests on their way when it was told (once is not
+            # enough: the last grant, or its payment over `pay`, may still be on its way)
+            if debtor or (paid_now == 0 and idle and debt.warned > UNPAID_ASKS_BEFORE_DEBTOR):
                 if not debtor:
                     await self._call(self.ledger.mark_debtor, payer, self.currency,
                                      self.ledger.paid_by(payer, self.currency) + 1,
@@ -308,7 +313,8 @@ class Biller:
                 raise wire.WireError("debtor", f"{owed} owed, over the credit window of {self.window}: "
                                                "refused until a receipt pays for what was delivered")
             self._count("payment_required")
-            debt.warned = True
+            if not debt.warned or (paid_now == 0 and idle):
+                debt.warned += 1
             raise wire.WireError("payment_required", f"{owed} owed, the credit window is {self.window}: "
                                                      "the next request must pay for what was delivered")
         k = self._fits(unpaid, sizes)
