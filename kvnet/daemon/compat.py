@@ -13,6 +13,7 @@ a `GatedConfig` carries (a plain `Config` is served exactly as before).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,26 @@ class ConnectionGate:
         self.active = 0  # connections being served now
         self.lingering = 0  # refused connections still being drained
         self.refused = 0  # refused since start
+        self.stop_at = math.inf  # set by stop(): no write outlasts it
+        self._writes: set[trio.CancelScope] = set()  # the writes waiting now, each under its deadline
+
+    def stop(self, grace_s: float) -> None:
+        """The node is stopping: every write, waiting or to come, ends within `grace_s` (a client that
+        does not read would otherwise keep the shielded write, and so the node, up for send_timeout_s)."""
+        self.stop_at = trio.current_time() + grace_s
+        for scope in self._writes:
+            scope.deadline = min(scope.deadline, self.stop_at)
+
+    async def send(self, stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> bool:
+        """`stream.send_all(data)` within the write deadline; False if it did not finish in time."""
+        deadline = min(trio.current_time() + self.send_timeout_s, self.stop_at)
+        with trio.CancelScope(deadline=deadline) as scope:  # fires inside TCPServer's shielded scope too
+            self._writes.add(scope)
+            try:
+                await stream.send_all(data)
+            finally:
+                self._writes.discard(scope)
+        return not scope.cancelled_caught
 
     async def serve(self, server: Callable[[Any], Awaitable[None]], stream: trio.SocketStream) -> None:
         if self.active >= self.limit:
@@ -101,14 +122,11 @@ class _GatedStream:
             self._gate.active -= 1
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            with trio.fail_after(self._gate.send_timeout_s):  # fires inside TCPServer's shielded scope too
-                await self._inner.send_all(data)
-        except trio.TooSlowError:
-            log.warning("agent connection dropped: a write waited %s s for the client to read "
-                        "(agent.send_timeout_s)", self._gate.send_timeout_s)
+        if not await self._gate.send(self._inner, data):
+            log.warning("agent connection dropped: a write waited for the client to read past "
+                        "agent.send_timeout_s (%s s) or the node's stop", self._gate.send_timeout_s)
             await self.aclose()  # the reader's receive_some ends too: the request sees a disconnect
-            raise trio.BrokenResourceError("the client did not read within agent.send_timeout_s") from None
+            raise trio.BrokenResourceError("the client did not read within agent.send_timeout_s")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self._inner.receive_some(max_bytes)

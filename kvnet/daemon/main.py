@@ -113,6 +113,7 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
     app = build_app(svc)
     sock = cfg.socket_path
     on_socket = hypercorn_config(cfg.agent, [f"unix:{sock}"])
+    listeners = [on_socket]
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -126,6 +127,7 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
                 if cfg.agent.tcp_port:
                     on_tcp = hypercorn_config(cfg.agent, [f"127.0.0.1:{cfg.agent.tcp_port}"])
                     await agents.start(_serve_agents, BearerAuth(app, cfg.agent.token), on_tcp, shutdown)
+                    listeners.append(on_tcp)
                 print(json.dumps({"ready": True, "socket": str(sock), "peer_id": node.peer_id.to_base58(),
                                   "addrs": node.addrs, "metrics": metrics.address, "pid": os.getpid()}),
                       flush=True)
@@ -134,6 +136,8 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
                     log.warning("signal %d: stopping (agents first, then transfers)", sig)
                     break
                 shutdown.set()  # hypercorn stops accepting and gives in-flight requests GRACE_S
+                for hc in listeners:
+                    hc.gate.stop(GRACE_S)  # and writes to clients that do not read: no longer either
                 agents.cancel_scope.deadline = trio.current_time() + GRACE_S + 1
             nursery.cancel_scope.cancel()  # transfers, announcements, generations
 

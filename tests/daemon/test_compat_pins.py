@@ -111,3 +111,37 @@ async def test_a_plain_config_is_served_as_hypercorn_serves_it(tmp_path):
         answers = [await _get(path, "/small") for _ in range(3)]
         assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
         stop.set()
+
+
+@pytest.mark.trio
+async def test_the_stop_ends_a_write_to_a_client_that_does_not_read(tmp_path):
+    """The node's stop gives such a write `grace_s`, however long agent.send_timeout_s is (it held the
+    stop for that long: longer than systemd waits before its SIGKILL)."""
+    path = str(tmp_path / "q.sock")
+    cfg = compat.GatedConfig()
+    cfg.bind = [f"unix:{path}"]
+    cfg.accesslog = None
+    cfg.graceful_timeout = 0.5
+    cfg.gate = gate = compat.ConnectionGate(4, 3600.0, b"")
+    stop, done = trio.Event(), trio.Event()
+
+    async def server(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve(_app, cfg, shutdown_trigger=stop.wait, task_status=task_status)
+        finally:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server)
+        stuck = await trio.open_unix_socket(path)
+        await stuck.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        with trio.fail_after(WAIT_S):
+            while not gate._writes:  # the answer is being written
+                await trio.sleep(0.01)
+        stop.set()
+        gate.stop(0.5)
+        with trio.move_on_after(WAIT_S):
+            await done.wait()
+        ended = done.is_set()
+        await stuck.aclose()  # without the stop's deadline, only this ends the server's shielded write
+    assert ended and gate.active == 0
