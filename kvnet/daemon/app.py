@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -52,10 +52,14 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float = 30.0) -
         raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
     body = bytearray()
     with trio.move_on_after(timeout_s) as deadline:
-        async for part in request.stream():
-            body += part
-            if len(body) > max_bytes:
-                raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > max_bytes:
+                    raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
+        except ClientDisconnect:  # nobody reads the answer; counted as 499, not logged as a 500 with its trace
+            raise oa.ApiError(499, "the client went away before its body was complete",
+                              code="client_disconnected") from None
     if deadline.cancelled_caught:
         raise oa.ApiError(408, f"the request body did not arrive within {timeout_s:g} s (agent.body_timeout_s)",
                           code="body_timeout")

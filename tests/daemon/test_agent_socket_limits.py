@@ -2,7 +2,8 @@
 agent socket"): a body that stalls or trickles (408 and closed after `agent.body_timeout_s`, holding no
 queue slot meanwhile), a head that never ends and an idle keep-alive connection (closed after
 `agent.keep_alive_timeout_s`), open connections (`agent.max_connections` per listener: one more is
-answered 503 `too_many_connections`, and a slot freed is served again), an oversize body (413).
+answered 503 `too_many_connections`, and a slot freed is served again), an oversize body (413), a
+client that leaves mid-body (a 499 in the metrics, not a logged 500).
 
 Real kvnet-node processes with shortened limits. No timing thresholds: a wait for the server's close is
 bounded only generously (WAIT_S), and the one time asserted is a lower bound, the configured deadline
@@ -98,8 +99,8 @@ HEAD = ("POST /v1/completions HTTP/1.1\r\nHost: node\r\nContent-Type: applicatio
 
 
 def test_a_stalled_body_is_dropped_and_holds_no_queue_slot(fast):
+    t0 = time.monotonic()  # the body's clock starts once the head is in: later than this
     stalled = _connect(fast.socket)
-    t0 = time.monotonic()
     stalled.sendall((HEAD + "Expect: 100-continue\r\n\r\n").encode())
     # the 100 comes once the node has parsed the head and started the handler: the body's clock runs
     assert stalled.recv(64).startswith(b"HTTP/1.1 100")
@@ -139,17 +140,17 @@ def test_a_trickled_body_is_dropped_at_the_same_deadline(fast):
 
 
 def test_a_head_that_never_ends_and_an_idle_connection_are_closed(fast):
+    t0 = time.monotonic()  # before the connect: the node may accept, and start its timer, before it returns
     partial = _connect(fast.socket)
-    t0 = time.monotonic()
     partial.sendall(b"GET /v1/models HTTP/1.1\r\nHost: node\r\n")  # no blank line, ever
     assert _read_to_eof(partial) == b""
     assert time.monotonic() - t0 >= DEADLINE_S
     partial.close()
 
     idle = _connect(fast.socket)
+    t0 = time.monotonic()  # the idle timer restarts once the answer is out, so later than this
     idle.sendall(b"GET /v1/models HTTP/1.1\r\nHost: node\r\n\r\n")
     status, body = _read_response(idle)
-    t0 = time.monotonic()
     assert status == 200 and body["data"][0]["id"] == "tiny"
     assert _read_to_eof(idle) == b""  # kept alive, then closed once idle for the keep-alive timeout
     assert time.monotonic() - t0 >= DEADLINE_S
@@ -195,3 +196,24 @@ def test_one_connection_over_the_cap_is_refused_until_one_closes(capped):
             assert other.get("/v1/models").status_code == 503  # full again: two held + this client's
     for s in held:
         s.close()
+
+
+def _count(node, endpoint: str, status: str) -> float:
+    text = httpx.get(f"http://{node.ready['metrics']}/metrics", timeout=WAIT_S).text
+    line = f'kvnet_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    return sum(float(ln[len(line):]) for ln in text.splitlines() if ln.startswith(line))
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_logged_500(fast):
+    before = _count(fast, "completions", "499")
+    s = _connect(fast.socket)
+    s.sendall((HEAD + "Expect: 100-continue\r\n\r\n").encode())
+    assert s.recv(64).startswith(b"HTTP/1.1 100")  # the handler is reading the body
+    s.sendall(b'{"model": ')
+    s.close()
+    deadline = time.monotonic() + WAIT_S  # a bound on waiting for the node's count, not a measurement
+    while _count(fast, "completions", "499") == before:
+        assert time.monotonic() < deadline, "the request was never counted as 499"
+        time.sleep(0.05)
+    assert _count(fast, "completions", "500") == 0
+    assert "Traceback" not in (fast.dir / "node.log").read_text()
