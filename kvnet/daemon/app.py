@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -42,15 +42,27 @@ def error_response(err: oa.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, timeout_s: float = 30.0) -> Any:
+    """The request's JSON body: at most `max_bytes` (413), all of it within `timeout_s` of the call,
+    which every handler makes first, as soon as the head is in (else 408; Hypercorn then closes the
+    connection, as the body is incomplete). A body that trickles or stalls costs one connection for
+    that long, never a queue slot: generations join the queue only after their body is read."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > max_bytes:
-            raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
+    with trio.move_on_after(timeout_s) as deadline:
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > max_bytes:
+                    raise oa.ApiError(413, f"request body over {max_bytes} bytes", code="body_too_large")
+        except ClientDisconnect:  # nobody reads the answer; counted as 499, not logged as a 500 with its trace
+            raise oa.ApiError(499, "the client went away before its body was complete",
+                              code="client_disconnected") from None
+    if deadline.cancelled_caught:
+        raise oa.ApiError(408, f"the request body did not arrive within {timeout_s:g} s (agent.body_timeout_s)",
+                          code="body_timeout")
     try:
         value = json.loads(body)
     except RecursionError:
@@ -78,7 +90,7 @@ def _check_depth(value: Any) -> None:
 
 
 def build_app(svc: Service) -> Starlette:
-    max_body = svc.cfg.agent.max_body_bytes
+    max_body, body_timeout = svc.cfg.agent.max_body_bytes, svc.cfg.agent.body_timeout_s
 
     def endpoint(name: str, fn: Callable[[Request], Awaitable[Any]]) -> Handler:
         async def handler(request: Request) -> Response:
@@ -108,7 +120,7 @@ def build_app(svc: Service) -> Starlette:
         return handler
 
     async def body_of(request: Request) -> dict[str, Any]:
-        body = await read_json(request, max_body)
+        body = await read_json(request, max_body, body_timeout)
         if not isinstance(body, dict):
             raise oa.bad("the request body must be a JSON object")
         return body

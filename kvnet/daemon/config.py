@@ -82,8 +82,16 @@ class AgentConfig:
     max_tokens: int = 512  # the most tokens one request may generate (its default: 256 or this, the smaller)
     chunk_tokens: int = 8  # tokens a generation runs before the next one in the queue gets the model
     max_body_bytes: int = 4 * 2**20
+    # What one local client can hold (docs/security.md, "The agent socket"); each listener has its own.
+    max_connections: int = 64  # connections open at once per listener (socket, TCP port); more get 503
+    body_timeout_s: int = 30  # from a request's complete head to the end of its body; else 408, closed
+    keep_alive_timeout_s: int = 30  # a connection with no request in progress (or a head still incomplete)
+    send_timeout_s: int = 60  # one write to a client that does not read; then the connection is dropped
     use_network: bool = True  # look up and fetch longer prefixes from peers
     publish_on_miss: bool = False  # publish the document prefix of a chat request when nothing was found
+
+
+TIMEOUTS = ("body_timeout_s", "keep_alive_timeout_s", "send_timeout_s")  # whole seconds, 1 to 3600
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,8 @@ def _agent(raw: Any, data_dir: Path) -> AgentConfig:
         max_tokens=_int("agent.max_tokens", t.get("max_tokens", d.max_tokens), 1, 1 << 20),
         chunk_tokens=_int("agent.chunk_tokens", t.get("chunk_tokens", d.chunk_tokens), 1, 4096),
         max_body_bytes=_int("agent.max_body_bytes", t.get("max_body_bytes", d.max_body_bytes), 1024, 1 << 30),
+        max_connections=_int("agent.max_connections", t.get("max_connections", d.max_connections), 1, 65536),
+        **{k: _int(f"agent.{k}", t.get(k, getattr(d, k)), 1, 3600) for k in TIMEOUTS},
         **flags,
     )
 

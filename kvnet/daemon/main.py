@@ -66,17 +66,41 @@ def _key(path: Path):
     return identity.load(path)
 
 
-async def _serve_agents(app, binds: list[str], shutdown: trio.Event, task_status=trio.TASK_STATUS_IGNORED):
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
+def _refusal() -> bytes:
+    """The whole HTTP answer to a connection over `agent.max_connections`: 503 in the OpenAI error shape."""
+    from kvnet.daemon.openai_api import ApiError
 
-    hc = Config()
+    body = json.dumps(ApiError(503, "too many open connections to the agent socket (agent.max_connections); "
+                                    "close one or retry later", "server_error",
+                               code="too_many_connections").body()).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n")
+    return head.encode() + body
+
+
+def hypercorn_config(agent: cfgmod.AgentConfig, binds: list[str]):
+    """Hypercorn's config for one agent listener, with its own connection gate (kvnet/daemon/compat.py).
+
+    No `read_timeout`: it would drop a client that waits, silent, for a long non-streaming answer; the
+    body deadline is the app's (`app.read_json`), the head's the keep-alive timer's (Hypercorn runs it
+    from the connection's start, or the last answer, until a complete head arrives)."""
+    from kvnet.daemon.compat import ConnectionGate, GatedConfig
+
+    hc = GatedConfig()
     hc.bind = binds
     hc.umask = 0o177  # the socket file is created 0600: owner only
     hc.graceful_timeout = GRACE_S
-    hc.keep_alive_timeout = 30
+    hc.keep_alive_timeout = agent.keep_alive_timeout_s
+    hc.h2_max_concurrent_streams = 1  # h2 (prior knowledge or h2c) may not multiply one connection's requests
     hc.accesslog = None
     hc.errorlog = logging.getLogger("kvnet.daemon.http")
+    hc.gate = ConnectionGate(agent.max_connections, agent.send_timeout_s, _refusal())
+    return hc
+
+
+async def _serve_agents(app, hc, shutdown: trio.Event, task_status=trio.TASK_STATUS_IGNORED):
+    from hypercorn.trio import serve
+
     await serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
 
 
@@ -88,6 +112,8 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
     await trio.to_thread.run_sync(svc.warm_up)
     app = build_app(svc)
     sock = cfg.socket_path
+    on_socket = hypercorn_config(cfg.agent, [f"unix:{sock}"])
+    listeners = [on_socket]
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -96,11 +122,12 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
             await nursery.start(svc.scheduler.run)
             nursery.start_soon(svc.refresh_metrics)
             async with trio.open_nursery() as agents:
-                await agents.start(_serve_agents, app, [f"unix:{sock}"], shutdown)
+                await agents.start(_serve_agents, app, on_socket, shutdown)
                 os.chmod(sock, 0o600)
                 if cfg.agent.tcp_port:
-                    await agents.start(_serve_agents, BearerAuth(app, cfg.agent.token),
-                                       [f"127.0.0.1:{cfg.agent.tcp_port}"], shutdown)
+                    on_tcp = hypercorn_config(cfg.agent, [f"127.0.0.1:{cfg.agent.tcp_port}"])
+                    await agents.start(_serve_agents, BearerAuth(app, cfg.agent.token), on_tcp, shutdown)
+                    listeners.append(on_tcp)
                 print(json.dumps({"ready": True, "socket": str(sock), "peer_id": node.peer_id.to_base58(),
                                   "addrs": node.addrs, "metrics": metrics.address, "pid": os.getpid()}),
                       flush=True)
@@ -109,6 +136,8 @@ async def _run(cfg: cfgmod.NodeConfig, engine, node, key, metrics: Metrics) -> N
                     log.warning("signal %d: stopping (agents first, then transfers)", sig)
                     break
                 shutdown.set()  # hypercorn stops accepting and gives in-flight requests GRACE_S
+                for hc in listeners:
+                    hc.gate.stop(GRACE_S)  # and writes to clients that do not read: no longer either
                 agents.cancel_scope.deadline = trio.current_time() + GRACE_S + 1
             nursery.cancel_scope.cancel()  # transfers, announcements, generations
 
