@@ -220,10 +220,16 @@ class Service:
             t0 = time.perf_counter()
             found = None
             try:
-                with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                with trio.move_on_after(LOOKUP_TIMEOUT_S) as lookup:
                     found = await self.node.find(self.engine.model_id, prompt)
                 info.lookup_s += time.perf_counter() - t0
+                if lookup.cancelled_caught:  # said, and tried again like a failed fetch
+                    info.network_error = f"the network lookup did not finish within {LOOKUP_TIMEOUT_S:g} s"
+                    log.info("network prefix lookup timed out (attempt %d of %d)", attempt + 1, FETCH_ATTEMPTS)
+                    continue
                 if found is None or found.n_tokens <= have:
+                    log.info("the network holds no longer prefix (%d tokens held here; lookup %.2f s)", have,
+                             time.perf_counter() - t0)
                     return
                 t1 = time.perf_counter()
                 result, _ = await self.fetch_found(found, found.n_tokens, on_paid=paid)
