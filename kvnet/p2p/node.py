@@ -73,6 +73,10 @@ OFFER_GRACE_S = 1.0  # how long other offers may still arrive once one verified
 # fresh lookups of a manifest a fetch makes once its providers (reserves included) failed it; each
 # skips the providers that failed, so a phantom offer that ended the first lookup cannot end them
 MAX_RELOOKUPS = 2
+# drops that are no lie (a stream that would not open, a provider busy at its limits): such a provider
+# may be asked again by a re-lookup, where its fresh offer must verify like anyone's (a vanished one
+# offers nothing); every other drop, and `missing` for pieces its offer claimed, keeps it out
+NOT_A_LIE = frozenset({"unreachable", "refused"})
 # libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
 # kvnet logs what matters about peers itself, on its own loggers.
 LIBP2P_LOG_LEVEL = logging.CRITICAL
@@ -658,15 +662,17 @@ class Node:
         """Look `sm` up again after its providers failed a fetch (`why`); the new providers, joined to
         the fetch's payments, or [] when the lookup found none that holds a missing piece.
 
-        Providers that failed it (dropped, or answered `missing` for pieces their offer claimed) are
-        not asked; the lookup goes on until an offer from another, un-avoided peer holds a piece still
-        missing. The new providers go through the spending limits and provider choice like the
-        first ones (the ledger already holds what the failed attempts paid, so the daily limits count
-        it); the load's license, if any, was signed once and is shown to them, not paid again.
+        Providers that failed it (dropped for a lie or a stall, or answered `missing` for pieces their
+        offer claimed) are not asked; the lookup goes on until an offer from another, un-avoided peer
+        holds a piece still missing. A provider dropped only as unreachable or busy (NOT_A_LIE) may
+        offer again: py-libp2p can fail to open a stream on a connection that has just answered.
+        The new providers go through the spending limits and provider choice like the first ones (the
+        ledger already holds what the failed attempts paid, so the daily limits count it); the load's
+        license, if any, was signed once and is shown to them, not paid again.
         """
         have = await self.runner.call(self.store.present_pieces, sm.id)
         missing = set(needed) - set(have)
-        failed = {p.peer for p in failed_by if p.dropped is not None or p.missing}
+        failed = {p.peer for p in failed_by if p.missing or p.dropped not in (None, *NOT_A_LIE)}
         log.info("fetch of %s failed (%s): looking it up again (%d of %d), %d pieces missing, without the %d "
                  "provider(s) that failed it", sm.id.hex()[:16], _cause(why), n, MAX_RELOOKUPS, len(missing),
                  len(failed))
