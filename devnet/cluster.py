@@ -79,11 +79,12 @@ def write_config(dir_: Path, model: str = "tiny", dtype: str = "fp32", bootstrap
                  agent: dict | None = None, extra: str = "", log_format: str = "text",
                  fee_per_mib: int | None = None) -> Path:
     """<dir_>/node.toml for a loopback node; `extra`: more TOML lines before [model] (tests; a [prices]
-    table there needs `fee_per_mib` None); `fee_per_mib`: a [prices] table with that hosting fee."""
+    table there needs `fee_per_mib` None); `fee_per_mib`: a [prices] table with that hosting fee. The
+    log level is info, or $KVNET_DEVNET_LOG_LEVEL (with KVNET_DEVNET_LOGS, to read a failed run)."""
     lines = [f'data_dir = "{dir_ / "data"}"', 'listen = ["/ip4/127.0.0.1/tcp/0"]', 'metrics = "127.0.0.1:0"',
              *([f"bootstrap = {json.dumps(bootstrap)}"] if bootstrap else []), extra,
              "[model]", f'ref = "{model}"', f'dtype = "{dtype}"',
-             "[log]", 'level = "info"', f'format = "{log_format}"',
+             "[log]", f'level = "{os.environ.get("KVNET_DEVNET_LOG_LEVEL", "info")}"', f'format = "{log_format}"',
              *(["[prices]", f"host_fee_per_mib = {fee_per_mib}"] if fee_per_mib is not None else []),
              "[agent]", *(f"{k} = {json.dumps(v)}" for k, v in (agent or {}).items())]
     path = dir_ / "node.toml"
@@ -203,4 +204,15 @@ class Cluster:
         try:
             self.stop()
         finally:
+            self._keep_logs()
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _keep_logs(self) -> None:
+        """With KVNET_DEVNET_LOGS=DIR, copy every process's node.log to DIR/<name>.log before the temp
+        dir goes: a failed run (say one in ten) can be read afterwards instead of rerun until it fails."""
+        dest = os.environ.get("KVNET_DEVNET_LOGS")
+        if not dest:
+            return
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        for log in self.tmp.glob("*/node.log"):
+            shutil.copyfile(log, Path(dest) / f"{log.parent.name}.log")

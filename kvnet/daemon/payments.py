@@ -33,7 +33,7 @@ __all__ = ["PaymentHook", "LedgerPayments"]
 
 class PaymentHook(Protocol):
     async def before_fetch(self, found: Found, n_tokens: int) -> int: ...
-    async def after_fetch(self, found: Found, result: FetchResult, mark: int) -> int: ...
+    async def after_fetch(self, found: Found, result: FetchResult | None, mark: int) -> int: ...
 
 
 class LedgerPayments:
@@ -53,7 +53,8 @@ class LedgerPayments:
         self.node.payer.start(sm, found.providers, n_bytes, self.node.scores)
         return await trio.to_thread.run_sync(self.ledger.mark)
 
-    async def after_fetch(self, found: Found, result: FetchResult, mark: int) -> int:
-        """Micro-units of this node's currency signed for `found`'s manifest since `mark`."""
+    async def after_fetch(self, found: Found, result: FetchResult | None, mark: int) -> int:
+        """Micro-units of this node's currency signed for `found`'s manifest since `mark` (`result` is
+        None after a failed fetch: the pieces that verified were paid all the same)."""
         paid = await trio.to_thread.run_sync(self.ledger.signed_since, mark, found.signed.id)
         return paid.get(self.currency, 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,20 +143,38 @@ class Service:
     def has_peers(self) -> bool:
         return bool(self.node.host.get_connected_peers()) or self.node.dht.routing_table.size() > 0
 
-    async def fetch_found(self, found: Found, n_tokens: int) -> tuple[FetchResult, int]:
+    async def fetch_found(self, found: Found, n_tokens: int,
+                          on_paid: Callable[[int], None] | None = None) -> tuple[FetchResult, int]:
         """Fetch (verified, into the store) with progress in `fetches`; metrics and throughput noted.
-        Returns the result and the price paid (the payment hook's say, from the ledger). Fetches of
-        one manifest run one at a time: a second agent waits and finds the pieces stored (no byte is
-        fetched or paid for twice), and the ledger's receipts since the hook's mark are this fetch's."""
+        Returns the result and the price paid (the payment hook's say, from the ledger: every attempt
+        of the node's fetch, re-lookups included). Fetches of one manifest run one at a time: a second
+        agent waits and finds the pieces stored (no byte is fetched or paid for twice), and the
+        ledger's receipts since the hook's mark are this fetch's. `on_paid` hears the price paid
+        whether the fetch succeeds or fails (a failed fetch paid for the pieces that verified)."""
         lock = self._fetching.setdefault(found.signed.id, trio.Lock())
         try:
             async with lock:
-                return await self._fetch_found(found, n_tokens)
+                return await self._fetch_found(found, n_tokens, on_paid)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._fetching.pop(found.signed.id, None)
 
-    async def _fetch_found(self, found: Found, n_tokens: int) -> tuple[FetchResult, int]:
+    async def _paid_since(self, found: Found, result: FetchResult | None, mark: int, entry: dict[str, Any],
+                          on_paid: Callable[[int], None] | None) -> int:
+        """The price paid since `mark` (also after a failure or a cancellation), noted in `entry`."""
+        paid = 0
+        with trio.CancelScope(shield=True):
+            try:
+                paid = await self.payments.after_fetch(found, result, mark)
+            except Exception as exc:  # noqa: BLE001 - the ledger says it later (GET /v1/ledger)
+                log.info("reading the price paid for %s failed: %s", found.signed.id.hex()[:16], exc)
+        entry["price_paid"] = paid
+        if on_paid is not None:
+            on_paid(paid)
+        return paid
+
+    async def _fetch_found(self, found: Found, n_tokens: int,
+                           on_paid: Callable[[int], None] | None) -> tuple[FetchResult, int]:
         mark = await self.payments.before_fetch(found, n_tokens)  # SpendingLimitError: no byte moved
         mid = found.signed.id.hex()
         entry = {"manifest_id": mid, "n_tokens": n_tokens, "pieces_done": 0, "pieces_total": None,
@@ -170,11 +189,14 @@ class Service:
                 result = await self.node.fetch(found, n_tokens, on_piece=on_piece)
         except BaseException as exc:
             entry["error"] = str(exc) or type(exc).__name__
+            await self._paid_since(found, None, mark, entry, on_paid)
             raise
         finally:
             self.fetches.pop(mid, None)
             entry["finished"] = time.time()
             self.recent_fetches = [entry, *self.recent_fetches][:8]
+        # every provider the fetch asked, those its re-lookups found included
+        entry["providers"] = list(dict.fromkeys([*entry["providers"], *result.providers]))
         entry.update(bytes=result.bytes, seconds=round(result.seconds, 4), fetched=result.fetched,
                      already_had=result.already_had)
         self.metrics.bytes_fetched.inc(result.bytes)
@@ -182,25 +204,35 @@ class Service:
         self.metrics.providers_dropped.inc(sum(1 for s in result.providers.values() if s.get("dropped")))
         if result.bytes > 1 << 20 and result.seconds > 0:
             self.fetch_bytes_per_s = 0.5 * self.fetch_bytes_per_s + 0.5 * result.bytes / result.seconds
-        paid = await self.payments.after_fetch(found, result, mark)
-        entry["price_paid"] = paid
-        return result, paid
+        return result, await self._paid_since(found, result, mark, entry, on_paid)
 
     async def _from_network(self, prompt: list[int], have: int, info: Reuse) -> None:
-        """Find and fetch the network's longest prefix, if longer than `have`. A fetch that fails (every
-        provider it was given dropped: corrupt pieces, gone) is tried once more with a fresh lookup,
-        which no longer prefers the providers just scored down; then the node prefills locally."""
+        """Find and fetch the network's longest prefix, if longer than `have`. The node's fetch itself
+        looks the manifest up again when its providers fail it (Node.fetch, MAX_RELOOKUPS); a fetch
+        that still fails is tried once more with a fresh prefix lookup (which may find another
+        manifest, and no longer prefers the providers just scored down); then the node prefills
+        locally. `info.price_paid` is what every attempt paid, the failed ones included."""
+
+        def paid(amount: int) -> None:
+            info.price_paid += amount
+
         for attempt in range(FETCH_ATTEMPTS):
             t0 = time.perf_counter()
             found = None
             try:
-                with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                with trio.move_on_after(LOOKUP_TIMEOUT_S) as lookup:
                     found = await self.node.find(self.engine.model_id, prompt)
                 info.lookup_s += time.perf_counter() - t0
+                if lookup.cancelled_caught:  # said, and tried again like a failed fetch
+                    info.network_error = f"the network lookup did not finish within {LOOKUP_TIMEOUT_S:g} s"
+                    log.info("network prefix lookup timed out (attempt %d of %d)", attempt + 1, FETCH_ATTEMPTS)
+                    continue
                 if found is None or found.n_tokens <= have:
+                    log.info("the network holds no longer prefix (%d tokens held here; lookup %.2f s)", have,
+                             time.perf_counter() - t0)
                     return
                 t1 = time.perf_counter()
-                result, info.price_paid = await self.fetch_found(found, found.n_tokens)
+                result, _ = await self.fetch_found(found, found.n_tokens, on_paid=paid)
                 info.fetch_s += time.perf_counter() - t1
                 info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
                 info.bytes_fetched = result.bytes

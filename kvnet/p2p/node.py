@@ -16,9 +16,10 @@ exits right after) announces nothing: its records would point at a process that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from kvnet import chain
 from kvnet.errors import BootstrapError
-from kvnet.ledger import Ledger, SpendingLimits
+from kvnet.ledger import Ledger, SpendingLimitError, SpendingLimits
 from kvnet.manifest import ManifestError, SignedManifest, parse
 from kvnet.p2p import billing, bulk_wire, compat, proofs, wire
 from kvnet.p2p import dht as kdht
@@ -69,6 +70,13 @@ MAX_OFFERS_READ = 8
 OFFER_CONCURRENCY = 8  # offer requests one provider lookup has in flight at once
 OFFER_TIMEOUT_S = 5.0  # an offer is one small round trip (dial included): a peer slower than this is skipped
 OFFER_GRACE_S = 1.0  # how long other offers may still arrive once one verified
+# fresh lookups of a manifest a fetch makes once its providers (reserves included) failed it; each
+# skips the providers that failed, so a phantom offer that ended the first lookup cannot end them
+MAX_RELOOKUPS = 2
+# drops that are no lie (a stream that would not open, a provider busy at its limits): such a provider
+# may be asked again by a re-lookup, where its fresh offer must verify like anyone's (a vanished one
+# offers nothing); every other drop, and `missing` for pieces its offer claimed, keeps it out
+NOT_A_LIE = frozenset({"unreachable", "refused"})
 # libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
 # kvnet logs what matters about peers itself, on its own loggers.
 LIBP2P_LOG_LEVEL = logging.CRITICAL
@@ -507,7 +515,8 @@ class Node:
         a place in this set is not."""
         return peer in self._bootstrap_ids or self.scores.get(peer.to_base58()) > 0
 
-    async def _verified_offers(self, key: bytes, accept: Callable[[Offer], bool]
+    async def _verified_offers(self, key: bytes, accept: Callable[[Offer], bool], *,
+                               skip: Collection[str] = (), useful: Callable[[Offer], bool] | None = None
                                ) -> tuple[list[Offer], kdht.LookupStats]:
         """The offers for `key` that `accept` verifies, from a provider lookup that goes on until one
         of them comes from a peer not avoided by score (or the lookup's bounds are reached).
@@ -516,12 +525,17 @@ class Node:
         a time); an offer that parses but does not verify for the key is a lie and is scored down
         (garbage already is, in `offers`). A provider that offers nothing is merely skipped: an
         honest node may have evicted the artifact since it announced it.
+
+        A fetch's re-lookup (`Node.fetch`) passes the providers that failed it as `skip` (not asked:
+        a liar scored -3 for a phantom offer is not yet avoided, and its offer would end the lookup
+        again) and `useful` (an offer counts towards ending the lookup only if it holds a piece still
+        missing; an honest offer of pieces already stored is no lie, just no help).
         """
         good: list[Offer] = []
         limiter = trio.CapacityLimiter(OFFER_CONCURRENCY)
 
         def satisfied() -> bool:
-            return any(not self.scores.avoided(o.peer) for o in good)
+            return any(not self.scores.avoided(o.peer) and (useful is None or useful(o)) for o in good)
 
         async def ask(info, first_good: trio.Event) -> None:
             async with limiter:
@@ -537,6 +551,9 @@ class Node:
                 first_good.set()
 
         async def on_providers(infos: list) -> bool:
+            infos = [i for i in infos if i.peer_id.to_base58() not in skip]
+            if not infos:
+                return satisfied()
             for info in infos:
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
             first_good = trio.Event()
@@ -582,36 +599,105 @@ class Node:
         paying fetch pays with each request, so smaller grants pay more often). Returns as soon as
         the pieces are durable. A node that announces schedules the announcement of what it now
         holds in its background; a fetch-only node (`announce=False`) announces nothing.
+
+        When the providers fail it (they lied in their offers, were dropped, vanished), the fetch goes
+        on with the reserves left out for their price, then looks the manifest up again, at most
+        MAX_RELOOKUPS times, without the providers that failed it (`_relookup`); every verified piece
+        stays stored, so each attempt asks only for what is still missing. Each failed attempt is
+        settled (its verified pieces paid); the result counts every attempt's pieces, bytes and
+        providers, and `last_paid` what every attempt paid (set on failure too).
         """
         sm = found.signed
         record = await proofs.before_fetch(self, sm)  # RefusedError; else the /kvf/ record, if any
         needed = proofs.needed_pieces(list(sm.manifest.pieces_for_tokens(n_tokens or found.n_tokens)), record)
+        self.last_paid = {}
         # spending limits and provider choice (price, score, speed), before any byte moves
         pay = self.payer.start(sm, found.providers, sum(sm.manifest.piece_len(i) for i in needed), self.scores)
         await self.runner.call(self.store.put_manifest, sm.raw)
         providers = pay.providers
-        while True:
-            try:
-                result = await fetch_pieces(sm, needed, providers, self.runner, self._open, self.scores,
-                                            background=self._background, window=window, batch=batch,
-                                            timeout=self.timeout, on_piece=on_piece, bulk=bulk,
-                                            bulk_batch=bulk_batch, payments=pay)
-                break
-            except FetchError as exc:
-                await pay.settle(self._open, self.timeout)  # pay for what did verify
-                providers = pay.use_reserves()  # the pricier providers left out: the rest from them
-                if not providers:
-                    raise
-                # what did verify stays stored: fetch_pieces asks the reserves for the rest only
-                log.info("fetch of %s from its cheapest providers failed (%s); the rest from %d pricier ones",
-                         sm.id.hex()[:16], _cause(exc), len(providers))
-        await pay.settle(self._open, self.timeout)
-        self.payer.observed(result)
-        self.last_paid = pay.totals()
+        earlier: list[Provider] = []  # the providers of the failed attempts (their counters say what they did)
+        offset = 0  # pieces the failed attempts stored: progress counts on from them
+
+        def progress(done: int, total: int) -> None:
+            on_piece(offset + done, offset + total)
+
+        relookups, t0 = 0, trio.current_time()
+        try:
+            while True:
+                try:
+                    result = await fetch_pieces(sm, needed, providers, self.runner, self._open, self.scores,
+                                                background=self._background, window=window, batch=batch,
+                                                timeout=self.timeout, on_piece=progress if on_piece else None,
+                                                bulk=bulk, bulk_batch=bulk_batch, payments=pay)
+                    break
+                except FetchError as exc:
+                    await pay.settle(self._open, self.timeout)  # pay for what did verify
+                    earlier += providers
+                    offset = sum(p.pieces for p in earlier)
+                    providers = pay.use_reserves()  # the pricier providers left out: the rest from them
+                    if providers:
+                        # what did verify stays stored: fetch_pieces asks the reserves for the rest only
+                        log.info("fetch of %s from its cheapest providers failed (%s); the rest from %d "
+                                 "pricier ones", sm.id.hex()[:16], _cause(exc), len(providers))
+                        continue
+                    if relookups >= MAX_RELOOKUPS:
+                        raise
+                    relookups += 1
+                    providers = await self._relookup(sm, needed, earlier, pay, exc, relookups)
+                    if not providers:
+                        raise
+            await pay.settle(self._open, self.timeout)
+        finally:
+            self.last_paid = pay.totals()  # every attempt's payments, also when the fetch failed
+        self.payer.observed(result)  # speeds from the attempt that finished (re-lookups are not transfer time)
+        if earlier:
+            result = _merged(result, earlier, trio.current_time() - t0)
         await proofs.after_fetch(self, sm, record)  # a proof that verifies refuses it (RefusedError)
         if self.announcing and self._background is not None:
             self._background.start_soon(self._announce_in_background)
         return result
+
+    async def _relookup(self, sm: SignedManifest, needed: list[int], failed_by: list[Provider],
+                        pay: billing.FetchPayments, why: FetchError, n: int) -> list[Provider]:
+        """Look `sm` up again after its providers failed a fetch (`why`); the new providers, joined to
+        the fetch's payments, or [] when the lookup found none that holds a missing piece.
+
+        Providers that failed it (dropped for a lie or a stall, or answered `missing` for pieces their
+        offer claimed) are not asked; the lookup goes on until an offer from another, un-avoided peer
+        holds a piece still missing. A provider dropped only as unreachable or busy (NOT_A_LIE) may
+        offer again: py-libp2p can fail to open a stream on a connection that has just answered.
+        The new providers go through the spending limits and provider choice like the first ones (the
+        ledger already holds what the failed attempts paid, so the daily limits count it); the load's
+        license, if any, was signed once and is shown to them, not paid again.
+        """
+        have = await self.runner.call(self.store.present_pieces, sm.id)
+        missing = set(needed) - set(have)
+        failed = {p.peer for p in failed_by if p.missing or p.dropped not in (None, *NOT_A_LIE)}
+        log.info("fetch of %s failed (%s): looking it up again (%d of %d), %d pieces missing, without the %d "
+                 "provider(s) that failed it", sm.id.hex()[:16], _cause(why), n, MAX_RELOOKUPS, len(missing),
+                 len(failed))
+        offers, _ = await self._verified_offers(sm.id, lambda o: o.signed.id == sm.id, skip=failed,
+                                                useful=lambda o: bool(o.have & missing))
+        fresh = [o.provider() for o in offers if o.peer not in failed and o.have & missing]
+        if not fresh:
+            log.info("re-lookup %d of %s found no other provider of its %d missing pieces", n, sm.id.hex()[:16],
+                     len(missing))
+            return []
+        try:
+            more = self.payer.start(sm, fresh, sum(sm.manifest.piece_len(i) for i in missing), self.scores)
+        except SpendingLimitError as exc:
+            log.info("re-lookup %d of %s: its %d provider(s) are beyond the spending limits: %s", n,
+                     sm.id.hex()[:16], len(fresh), exc)
+            raise FetchError(f"{why}; a re-lookup found {len(fresh)} provider(s) beyond the spending limits "
+                             f"({exc})") from exc
+        # join them to this fetch's payments through its reserves (use_reserves opens their accounts);
+        # the pricier ones the choice left out become the fetch's reserves again
+        pay.reserves = list(more.providers)
+        chosen = pay.use_reserves()
+        pay.reserves = list(more.reserves)
+        log.info("re-lookup %d of %s: %d new provider(s) for the %d missing pieces", n, sm.id.hex()[:16],
+                 len(chosen), len(missing))
+        return chosen
 
     async def collect_receipts(self, peer: str) -> int:
         """As a publisher: collect the license receipts `peer` (a host) keeps for us into our ledger
@@ -631,6 +717,27 @@ def _listen_ip(addr: str) -> str:
     if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
         return parts[2]
     return "0.0.0.0"
+
+
+def _merged(last: FetchResult, earlier: list[Provider], seconds: float) -> FetchResult:
+    """The result of a fetch that took several attempts: the last attempt's result plus what the
+    failed ones stored (their providers' counters), so `fetched`, `bytes` and `providers` describe the
+    whole load (a provider in two attempts is summed; its last `dropped` counts)."""
+    stats: dict[str, dict] = {}
+    for p in earlier:
+        st = stats.setdefault(p.peer, {"pieces": 0, "bytes": 0, "dropped": None})
+        st["pieces"] += p.pieces
+        st["bytes"] += p.bytes
+        st["dropped"] = p.dropped
+    for peer, st in last.providers.items():
+        old = stats.get(peer, {"pieces": 0, "bytes": 0})
+        stats[peer] = {**st, "pieces": old["pieces"] + st["pieces"], "bytes": old["bytes"] + st["bytes"]}
+    fetched = sum(p.pieces for p in earlier)
+    return dataclasses.replace(
+        last, fetched=last.fetched + fetched, already_had=max(0, last.already_had - fetched),
+        bytes=last.bytes + sum(p.bytes for p in earlier), seconds=seconds, providers=stats,
+        received_bytes=last.received_bytes + sum(p.received for p in earlier),
+        paths={**{p.peer: p.path for p in earlier}, **last.paths})
 
 
 def _prompt_matches(m, i: int, tokens: list[int], keys: list[chain.ChainKey]) -> list[int]:
