@@ -55,10 +55,11 @@ OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
 WRITE_BATCH = 16  # pieces per group commit (one fdatasync, one index transaction)
 BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
-# pieces; shares shrink as a fetch ends. A grant that streams in less time than the next grant's libp2p
-# round trip (20-50 ms on 2 loaded cores, up to ~300 ms) idles the connection: 256 pieces from 3
-# providers took 18 grants (down to 8, 4 and 1 pieces) with shares of left / (2 x live) and a floor of
-# 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
+# The smallest bulk grant while more is left: a grant is a provider's part of the work left
+# (Fetch._bulk_share), which shrinks as a fetch ends, and a grant that streams in less time than the
+# next grant's libp2p round trip (20-50 ms on 2 loaded cores, up to ~700 ms) idles the connection:
+# 256 pieces from 3 providers took 18 grants (down to 8, 4 and 1 pieces) with shares of
+# left / (2 x live) and a floor of 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
 MIN_BULK_GRANT = 16
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 # With other live providers, a connection asks for its next grant only once what it still has to
@@ -72,9 +73,10 @@ LOW_WATER_MIN = 4
 RTT_DECAY = 0.75  # a grant round trip's weight in the next estimate (under load they vary 20-700 ms)
 LOW_WATER_RECHECK_S = 0.25  # a connection waiting for its low-water mark re-reads its rate this often
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
-# ... and only for a piece asked of its provider at least this long ago: a duplicate is paid for and
-# doubles the bytes, so a piece on its way from a healthy provider is not asked twice (a small
-# artifact is all endgame: without the wait every piece of it came, and was paid, twice)
+# ... and only for a piece asked of its provider at least this long ago, from a provider that has
+# delivered nothing for as long (Fetch._duplicate_due): a duplicate is paid for and doubles the bytes,
+# so a piece on its way from a healthy provider is not asked twice (a small artifact is all endgame:
+# without the wait every piece of it came, and was paid, twice)
 ENDGAME_AFTER_S = 1.0
 
 
