@@ -15,9 +15,13 @@ With `bulk` set (the default of a node's fetch), each provider is first asked fo
 (`/kvnet/bulk/1.0.0`, kvnet.p2p.bulk_wire): its pieces then come over one side connection (TLS 1.3 or
 plain TCP) that carries one grant after another, with the next grant requested while the current one
 streams. When the provider does not speak bulk, or the connection or TLS cannot be set up, the fetch
-falls back to `pieces` streams for that provider. Endgame duplicates are requested only for the last
-few pieces, one per request, and a bulk connection is cut as soon as the fetch is complete, so the
-bytes received stay close to the artifact's size.
+falls back to `pieces` streams for that provider. With several providers, a connection asks for its
+next grant only when little of its current one is left to receive (a low-water mark of a few grant
+round trips at its measured rate), and each grant is that provider's part of the work left, split by
+the providers' measured rates, so that the pieces not yet granted stay in the pool and the providers
+finish together with few grants. Endgame duplicates are requested only for the last few pieces, one
+per request, and only of a provider that has stopped delivering; a bulk connection is cut as soon as
+the fetch is complete, so the bytes received stay close to the artifact's size.
 """
 
 from __future__ import annotations
@@ -51,16 +55,28 @@ OpenStream = Callable[[str, str], Awaitable[Any]]
 WRITE_QUEUE = 32  # received pieces waiting for the writer (bounds memory: 32 MiB with 1 MiB pieces)
 WRITE_BATCH = 16  # pieces per group commit (one fdatasync, one index transaction)
 BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
-# pieces; shares shrink as a fetch ends. A grant that streams in less time than the next grant's libp2p
-# round trip (20-50 ms on 2 loaded cores, up to ~300 ms) idles the connection: 256 pieces from 3
-# providers took 18 grants (down to 8, 4 and 1 pieces) with shares of left / (2 x live) and a floor of
-# 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
+# The smallest bulk grant while more is left: a grant is a provider's part of the work left
+# (Fetch._bulk_share), which shrinks as a fetch ends, and a grant that streams in less time than the
+# next grant's libp2p round trip (20-50 ms on 2 loaded cores, up to ~700 ms) idles the connection:
+# 256 pieces from 3 providers took 18 grants (down to 8, 4 and 1 pieces) with shares of
+# left / (2 x live) and a floor of 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
 MIN_BULK_GRANT = 16
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
+# With other live providers, a connection asks for its next grant only once what it still has to
+# receive is down to LOOKAHEAD grant round trips at its measured rate (never fewer than LOW_WATER_MIN
+# pieces): the pieces not yet granted stay in the pool, where whichever provider is ahead takes them,
+# and the last grants are sized to finish together instead of being asked for at the start (256
+# pieces from 3 loopback providers took 8-11 grants, the last ones of 7 and 1 pieces, and endgame
+# duplicates; from 1 provider, 4). A lone provider asks at once (nobody to share the pool with).
+LOOKAHEAD = 2.0
+LOW_WATER_MIN = 4
+RTT_DECAY = 0.75  # a grant round trip's weight in the next estimate (under load they vary 20-700 ms)
+LOW_WATER_RECHECK_S = 0.25  # a connection waiting for its low-water mark re-reads its rate this often
 ENDGAME_PIECES = 4  # duplicate requests start only once this few pieces are left unreceived
-# ... and only for a piece asked of its provider at least this long ago: a duplicate is paid for and
-# doubles the bytes, so a piece on its way from a healthy provider is not asked twice (a small
-# artifact is all endgame: without the wait every piece of it came, and was paid, twice)
+# ... and only for a piece asked of its provider at least this long ago, from a provider that has
+# delivered nothing for as long (Fetch._duplicate_due): a duplicate is paid for and doubles the bytes,
+# so a piece on its way from a healthy provider is not asked twice (a small artifact is all endgame:
+# without the wait every piece of it came, and was paid, twice)
 ENDGAME_AFTER_S = 1.0
 
 
@@ -83,6 +99,26 @@ class Provider:
     missing: int = 0  # pieces its offer claimed that it then answered "missing" for
     endgame_at: float = math.inf  # (trio clock) when a duplicate it could ask for becomes due
     dial_lock: trio.Lock = field(default_factory=trio.Lock)
+    # progress, for grant sizing and endgame (time.monotonic; written by the thread that receives)
+    first_piece_at: float | None = None
+    first_piece_bytes: int = 0  # `received` once its first piece was read
+    last_piece_at: float = 0.0
+    grant_rtt: float = 0.0  # seconds of its bulk grants' libp2p round trips (a decaying maximum)
+
+    def progress(self, n: int) -> None:
+        """`n` piece bytes were read from it (from any thread; only its receiver calls this)."""
+        now = time.monotonic()
+        self.received += n
+        if self.first_piece_at is None:  # the rate counts what came after the first piece
+            self.first_piece_at, self.first_piece_bytes = now, self.received
+        self.last_piece_at = now
+
+    def rate(self) -> float | None:
+        """Bytes per second it delivered since its first piece (None until two pieces came)."""
+        if self.first_piece_at is None or self.received <= self.first_piece_bytes:
+            return None
+        span = self.last_piece_at - self.first_piece_at
+        return (self.received - self.first_piece_bytes) / span if span > 0 else None
 
 
 @dataclass
@@ -148,11 +184,13 @@ class Fetch:
 
     def _take(self, p: Provider, bulk: bool = False) -> list[int]:
         """Next batch for `p`: unassigned pieces it has, else (endgame, only for the last
-        ENDGAME_PIECES pieces) one piece in flight at exactly one other provider.
+        ENDGAME_PIECES pieces) one piece in flight at exactly one other provider that has stalled.
 
-        A request is up to `batch` pieces (a bulk grant up to `bulk_batch`), but no more than a share
-        of what is left per request slot of the live providers, so that every provider gets work and
-        the last pieces are spread over the providers instead of queued behind one."""
+        A `pieces` request is up to `batch` pieces, but no more than a share of what is left per
+        request slot of the live providers, so that every provider gets work. A bulk grant is up to
+        `bulk_batch` pieces, but no more than `p`'s part of the work left (`_bulk_share`), so that
+        the providers finish together instead of one ending the fetch alone; never fewer than
+        MIN_BULK_GRANT, since each grant costs a libp2p round trip on both sides."""
         # rarest first (then in order, so grants stay runs of consecutive pieces): a provider takes the
         # pieces fewer live providers hold before those others could serve too, so the one host of some
         # pieces (often a pricier one, kept for them, kvnet.p2p.billing) is not busy with shared ones
@@ -160,9 +198,8 @@ class Fetch:
         fresh = sorted((i for i in self.pending if i in p.have and i not in self.in_flight),
                        key=lambda i: (sum(i in h for h in live_have), i))
         live = sum(1 for q in self.providers if q.dropped is None) or 1
-        if bulk:  # a share of what is left, but never tiny: each grant costs a libp2p round trip on both sides
-            share = len(fresh) // live  # from a lone provider: full grants
-            fresh = fresh[: min(self.bulk_batch, max(MIN_BULK_GRANT, share))]
+        if bulk:
+            fresh = fresh[: min(self.bulk_batch, max(MIN_BULK_GRANT, self._bulk_share(p, len(fresh))))]
         else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
             fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
         now = trio.current_time()
@@ -173,13 +210,49 @@ class Fetch:
             if len(unqueued) <= ENDGAME_PIECES:
                 dup = [i for i in unqueued if i in p.have and len(self.in_flight.get(i, ())) == 1
                        and p.peer not in self.in_flight[i]]
-                fresh = [i for i in dup if now - self.asked_at[i] >= ENDGAME_AFTER_S][:1]
-                if dup and not fresh:  # wake this provider's waiter when the oldest one is due
-                    p.endgame_at = min(self.asked_at[i] for i in dup) + ENDGAME_AFTER_S
+                fresh = [i for i in dup if self._duplicate_due(i, now) <= now][:1]
+                if dup and not fresh:  # wake this provider's waiter when the first one is due
+                    p.endgame_at = min(self._duplicate_due(i, now) for i in dup)
         for i in fresh:
             self.in_flight.setdefault(i, set()).add(p.peer)
             self.asked_at.setdefault(i, now)
         return fresh
+
+    def _bulk_share(self, p: Provider, left: int) -> int:
+        """How many of the `left` unassigned pieces `p` should take so that every live provider ends
+        at about the same time: the work left (unassigned plus what each has outstanding) split in
+        proportion to the providers' measured rates (equal while unknown), minus what `p` still has
+        outstanding. A lone provider takes everything (in full grants)."""
+        live = [q for q in self.providers if q.dropped is None]
+        if len(live) <= 1:
+            return left
+        with self._lock:
+            queued = set(self.queued)
+        outstanding = dict.fromkeys((q.peer for q in live), 0)
+        for i, askers in self.in_flight.items():
+            if i not in queued:
+                for a in askers:
+                    if a in outstanding:
+                        outstanding[a] += 1
+        rates = {q.peer: q.rate() for q in live}
+        known = [r for r in rates.values() if r]
+        default = sum(known) / len(known) if known else 1.0
+        weight = {peer: r or default for peer, r in rates.items()}
+        work = left + sum(outstanding.values())
+        return math.ceil(work * weight[p.peer] / sum(weight.values()) - outstanding[p.peer])
+
+    def _duplicate_due(self, i: int, now: float) -> float:
+        """When (trio clock) an endgame duplicate of piece `i` becomes due: ENDGAME_AFTER_S after it
+        was asked, and ENDGAME_AFTER_S after the last piece its provider delivered. A provider that
+        keeps delivering is not stalled: the piece comes in its turn (a grant streams in order), and
+        a copy would be paid for and double the bytes (a loaded 3-provider fetch that outlasted
+        ENDGAME_AFTER_S received 1.004-1.012x the artifact while every provider was streaming)."""
+        by_peer = {q.peer: q for q in self.providers}
+        holder = by_peer.get(next(iter(self.in_flight[i])))
+        due = self.asked_at[i] + ENDGAME_AFTER_S
+        if holder is not None and holder.last_piece_at:
+            due = max(due, now + holder.last_piece_at + ENDGAME_AFTER_S - time.monotonic())
+        return due
 
     async def _wait_changed(self, p: Provider) -> None:
         """Until the fetch changes, or until an endgame duplicate `p` could ask for is due."""
@@ -250,7 +323,7 @@ class Fetch:
                         data = await wire.read_exact(stream, n)
                 except wire.WireError as exc:
                     raise _Drop("bad_length", f"piece {i}: {exc}") from exc
-                p.received += n
+                p.progress(n)
                 try:  # caught here, before this peer is sent another request
                     verify_piece(self.m, i, data)
                 except ArtifactError as exc:
@@ -467,6 +540,7 @@ class Fetch:
         """Ask `p` for a bulk grant of `pieces`; its answer, the host to connect to and the pieces
         granted (a prefix: the caller releases the rest). An error frame or a malformed answer is
         `_Drop`; failing to open the stream is not (no bulk here)."""
+        t0 = trio.current_time()
         with trio.fail_after(self.timeout):
             stream = await self._open(p, bulk_wire.BULK_PROTOCOL)
         try:
@@ -475,6 +549,7 @@ class Fetch:
                 await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "manifest": self.sm.id,
                                                 "ranges": _ranges(pieces), "mode": self.bulk, "receipt": paid})
                 answer = await wire.read_frame(stream, wire.MAX_REQUEST)
+            p.grant_rtt = max(trio.current_time() - t0, RTT_DECAY * p.grant_rtt)  # a slow one counts a while
             await self._paid(p, paid, answer)
             if "err" in answer:
                 reason = "refused" if answer.get("err") in wire.LOAD_CODES else "protocol"
@@ -572,6 +647,10 @@ class _BulkSession(Handler):
         self.grants: queue.Queue = queue.Queue()
         self.slots = trio.Semaphore(BULK_GRANTS_AHEAD)
         self.left: dict[bytes, ClientGrant] = {}  # token -> granted and not done (its pieces may still come)
+        self.granted = 0  # pieces of every grant queued on this connection (trio side)
+        self.records = 0  # piece and missing records read (the receiver thread)
+        self.low_water = -1  # >= 0 while the producer waits for `outstanding` to fall to it
+        self.due = trio.Event()
 
     async def run(self, first: ClientGrant) -> None:
         await self.slots.acquire()
@@ -589,7 +668,36 @@ class _BulkSession(Handler):
 
     def _queue(self, g: ClientGrant) -> None:
         self.left[g.token] = g
+        self.granted += len(g.indices)
         self.grants.put(g)
+
+    def _outstanding(self) -> int:
+        """Pieces granted on this connection whose records have not been read yet."""
+        return self.granted - self.records
+
+    def _low_water_mark(self) -> int:
+        """Outstanding pieces at which the next grant is asked for: what this connection receives in
+        LOOKAHEAD grant round trips at its rate so far (LOW_WATER_MIN until it has a rate)."""
+        rate = self.p.rate()
+        if rate is None:
+            return LOW_WATER_MIN
+        return max(LOW_WATER_MIN, math.ceil(rate * self.p.grant_rtt * LOOKAHEAD / self.f.m.piece_size))
+
+    async def _until_low_water(self) -> None:
+        """While other live providers share the pool, wait until this connection has little left to
+        receive before it takes more: what it has not taken yet can still go to whichever provider
+        is ahead, and its next grant is sized to what is left then (Fetch._bulk_share)."""
+        f = self.f
+        while self.left and f.pending and f.failure is None and self.p.dropped is None:
+            if sum(1 for q in f.providers if q.dropped is None) <= 1:
+                return
+            self.due = trio.Event()
+            self.low_water = self._low_water_mark()
+            if self._outstanding() <= self.low_water:
+                break
+            with trio.move_on_after(LOW_WATER_RECHECK_S):  # its rate, so its mark, changes as it goes
+                await self.due.wait()
+        self.low_water = -1
 
     async def _receive(self, scope: trio.CancelScope) -> None:
         try:
@@ -604,6 +712,7 @@ class _BulkSession(Handler):
         try:
             while True:
                 await self.slots.acquire()
+                await self._until_low_water()
                 pieces = await self._next()
                 if not pieces:
                     return
@@ -656,11 +765,24 @@ class _BulkSession(Handler):
 
     def piece(self, grant: ClientGrant, index: int, data: memoryview) -> None:
         """Straight to the store's writer from this thread (no trio round trip per piece)."""
-        self.p.received += len(data)  # only this provider's receiver thread adds to it
+        self.p.progress(len(data))  # only this provider's receiver thread adds to it
+        self._record_read()
         self.f.offer(self.p, index, data)
 
     def missing(self, grant: ClientGrant, index: int) -> None:
+        self._record_read()
         self.f._soon(self._missing, grant, index)  # no round trip: the receiver reads on at once
+
+    def _record_read(self) -> None:
+        """Count a record; wake the producer (once) when the outstanding pieces reach its mark."""
+        self.records += 1
+        mark = self.low_water
+        if mark >= 0 and self.granted - self.records <= mark:
+            self.low_water = -1
+            self.f._soon(self._wake_producer)
+
+    def _wake_producer(self) -> None:
+        self.due.set()
 
     def done(self, grant: ClientGrant) -> None:
         # queued, not waited for: the receiver goes straight to the next grant's records (a blocking

@@ -12,6 +12,7 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 import trio
@@ -21,8 +22,10 @@ from kvnet.p2p import bulk_wire as bw
 from kvnet.p2p import wire
 from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.bulk_server import BulkServer, make_tls_context
-from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD
-from kvnet.p2p.scores import PENALTY
+from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD, ENDGAME_AFTER_S, Fetch, Provider
+from kvnet.p2p.scores import PENALTY, PeerScores
+from kvnet.p2p.server import StoreRunner
+from kvnet.store import Store
 from tests.artifacts import fake_artifact
 from tests.p2p.conftest import holding, make_node, pid, start_nodes
 
@@ -34,6 +37,17 @@ def _holding(tmp_path, name: str, sm, pieces, **kw):
 
 
 _start, _pid = start_nodes, pid
+
+
+async def _found_all(c, sm, n: int):
+    """A lookup that found `n` providers: a lookup stops shortly after the first offer that verifies,
+    and on a loaded machine the others' may come later (then look again)."""
+    with trio.fail_after(30):
+        while True:
+            found = await c.find_manifest(sm.id)
+            if found is not None and len(found.providers) == n:
+                return found
+            await trio.sleep(0.1)
 
 
 def _own_listener(node, **limits) -> BulkServer:
@@ -158,8 +172,7 @@ async def test_a_lying_bulk_provider_is_dropped_and_scored_down(tmp_path):
         lying = _LyingBulk(liar.server, "127.0.0.1")
         lying.start()
         liar.host.set_stream_handler(bw.BULK_PROTOCOL, lying.handle_bulk)
-        found = await c.find_manifest(sm.id)
-        assert len(found.providers) == 2
+        found = await _found_all(c, sm, 2)
         before = c.scores.good(_pid(liar), 50)  # first in line
         result = await c.fetch(found)
         n.cancel_scope.cancel()
@@ -191,8 +204,7 @@ async def test_a_provider_whose_disk_rotted_is_caught_on_the_zero_copy_path(tmp_
     c = make_node(tmp_path, "C", timeout=2.0)
     async with trio.open_nursery() as n:
         await _start(n, honest, rotten, c)
-        found = await c.find_manifest(sm.id)
-        assert len(found.providers) == 2
+        found = await _found_all(c, sm, 2)
         c.scores.good(_pid(rotten), 50)  # first in line
         result = await c.fetch(found, bulk=mode)
         n.cancel_scope.cancel()
@@ -330,8 +342,7 @@ async def test_three_bulk_providers_are_all_used_and_bytes_stay_near_the_artifac
     c = make_node(tmp_path, "C", timeout=2.0)
     async with trio.open_nursery() as n:
         await _start(n, *provs, c)
-        found = await c.find_manifest(sm.id)
-        assert len(found.providers) == 3
+        found = await _found_all(c, sm, 3)
         result = await c.fetch(found, bulk="tcp")
         n.cancel_scope.cancel()
     assert set(result.paths.values()) == {"bulk-tcp"}
@@ -389,3 +400,55 @@ async def test_bulk_connections_per_peer_are_bounded(tmp_path):
             s.close()
         n.cancel_scope.cancel()
     assert p.bulk.closed_conns.get("busy") == 1 and p.bulk.served_pieces == limit
+
+
+async def _no_network(peer: str, protocol: str):
+    raise AssertionError("assignment alone opens no stream")
+
+
+def _assigning(tmp_path, sm, providers: list[Provider], **kw) -> Fetch:
+    """A fetch of every piece of `sm` from `providers`, used for its assignment only (nothing is sent)."""
+    return Fetch(sm, list(range(len(sm.manifest.pieces))), providers, StoreRunner(Store(tmp_path / "store")),
+                 _no_network, PeerScores(None), bulk="tcp", **kw)
+
+
+def _delivered(p: Provider, nbytes: int, seconds: float) -> None:
+    """`p` delivered `nbytes` after its first piece, over `seconds` (as its receiver records it)."""
+    p.first_piece_at, p.first_piece_bytes, p.received = 100.0, 0, nbytes
+    p.last_piece_at = 100.0 + seconds
+
+
+@pytest.mark.trio
+async def test_bulk_grants_split_the_work_left_by_measured_rate_and_a_lone_provider_takes_full_grants(tmp_path):
+    sm, _ = fake_artifact(71, 16, piece_size=PIECE)  # 256 pieces
+    n = len(sm.manifest.pieces)
+    alone = Provider("alone", set(range(n)))
+    f = _assigning(tmp_path / "1", sm, [alone])
+    assert [len(f._take(alone, bulk=True)) for _ in range(5)] == [64, 64, 64, 64, 0]
+    fast, slow = Provider("fast", set(range(n))), Provider("slow", set(range(n)))
+    f = _assigning(tmp_path / "2", sm, [fast, slow], bulk_batch=n)
+    _delivered(fast, 3 << 20, 1.0)
+    _delivered(slow, 1 << 20, 1.0)
+    assert len(f._take(fast, bulk=True)) == 192  # 3/4 of the work, the rate's share
+    assert len(f._take(slow, bulk=True)) == 64  # the rest: its quarter of all the work
+    even1, even2 = Provider("even1", set(range(n))), Provider("even2", set(range(n)))
+    f = _assigning(tmp_path / "3", sm, [even1, even2], bulk_batch=n)  # no rate known yet: equal parts
+    assert len(f._take(even1, bulk=True)) == 128 and len(f._take(even2, bulk=True)) == 128
+
+
+@pytest.mark.trio
+async def test_an_endgame_duplicate_is_asked_only_for_a_piece_whose_provider_stalled(tmp_path):
+    sm, _ = fake_artifact(72, 1, piece_size=PIECE)  # 16 pieces
+    n = len(sm.manifest.pieces)
+    holder, idle = Provider("holder", set(range(n))), Provider("idle", set(range(n)))
+    f = _assigning(tmp_path, sm, [holder, idle])
+    f.pending = {0, 1}
+    assert f._take(holder, bulk=True) == [0, 1]
+    for i in (0, 1):  # asked long ago: due by the age of the request alone
+        f.asked_at[i] -= 5 * ENDGAME_AFTER_S
+    holder.last_piece_at = time.monotonic()  # ... but its provider delivered a piece just now
+    assert f._take(idle, bulk=True) == []
+    assert idle.endgame_at > trio.current_time() + ENDGAME_AFTER_S / 2  # its waiter wakes when that is due
+    holder.last_piece_at = time.monotonic() - 2 * ENDGAME_AFTER_S  # nothing from it since: stalled
+    assert f._take(idle, bulk=True) == [0]  # one duplicate per request
+    assert f.in_flight[0] == {"holder", "idle"}
