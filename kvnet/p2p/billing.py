@@ -45,7 +45,7 @@ __all__ = [
     "RECEIPTS_PROTOCOL", "RECEIPTS_FIELDS", "DEFAULT_WINDOW_MIB", "MAX_RECEIPTS_PER_REQUEST", "COLLECT_PAGE",
     "PRICE_SLACK", "PAYMENT_CODES", "Biller", "Payer", "FetchPayments", "PaymentWait", "PayDrop", "Candidate",
     "rank_by_price", "receipts_field", "peer_key", "default_window", "MAX_ACCOUNTS", "MAX_SPEEDS",
-    "PAY_EVERY", "LICENSE_SHOWN_MAX_AGE_S",
+    "PAY_EVERY", "LICENSE_SHOWN_MAX_AGE_S", "HOLD_S",
 ]
 
 log = logging.getLogger("kvnet.p2p.billing")
@@ -61,11 +61,15 @@ MAX_ACCOUNTS = 4096  # payer accounts a payee keeps in memory; then settled ones
 MAX_SPEEDS = 1024  # provider speeds a payer remembers (the oldest is forgotten first)
 LICENSE_SHOWN_MAX_AGE_S = 3600  # a license receipt another host holds licenses a load here if signed this recently
 MAX_SHOWN = 64  # such receipts an account remembers (each licenses one load here)
-PAY_EVERY = 16 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
+PAY_EVERY = 32 << 20  # verified bytes a payer lets accumulate per host before it pays them over `pay`
 # requests paying nothing, with nothing open, after a `payment_required`, that are still answered
 # `payment_required` before the payer is a debtor: they may have been sent before the payer saw the
 # first refusal (a kvnet payer has at most 8 pieces streams and 8 bulk grant requests out to one host)
 UNPAID_ASKS_BEFORE_DEBTOR = 16
+# a request that finds no credit left while bytes granted to the same payer are still being sent waits
+# this long at most for the payment of those bytes (their `pay` is usually on its way) before it is
+# answered as the window allows; far below any payer's request timeout (kvnet's default is 10 s)
+HOLD_S = 1.0
 MAX_RESENDS = 3  # `skipped_sequence` answers a payer acts on per host and fetch before it drops the host
 # error codes a payer acts on itself (the others end a request as before)
 PAYMENT_CODES = frozenset({"payment_required", "debtor", "receipt_refused"})
@@ -145,6 +149,10 @@ class Biller:
         self._debts: dict[bytes, _Debt] = {}
         self._lock = threading.Lock()  # bulk listener threads give back unsent bytes
         self._db = trio.CapacityLimiter(1)
+        self.hold_s = HOLD_S  # how long a request with no credit left may wait for a payment (`_hold`)
+        self.held = 0  # requests that waited for a payment before they were answered (tests, stats)
+        self._changed = trio.Event()  # an account was paid or a grant finished: held requests look again
+        self._token: trio.lowlevel.TrioToken | None = None  # for `finished` from the bulk threads
 
     @property
     def me(self) -> bytes:
@@ -204,6 +212,8 @@ class Biller:
                 d.paid = min(d.paid + units, d.granted)
                 d.warned = 0
             self._license(d, sr, sm)
+        if units:
+            self._wake()
         return units
 
     def _license(self, d: _Debt | None, sr: SignedReceipt, sm: SignedManifest | None) -> None:
@@ -273,8 +283,9 @@ class Biller:
         what it was granted and not yet paid included, within the credit window (at least one piece
         while it owes at most the window: a window smaller than a piece still serves); how many
         pieces. Over the window raise WireError `payment_required` (it paid something, not enough
-        yet) or `debtor` (it paid nothing: it is recorded as a debtor, refused until a receipt raises
-        what it paid)."""
+        yet) or `debtor` (it paid nothing: it is recorded as a debtor, refused until a receipt
+        raises what it paid). A request that finds no credit while bytes
+        granted to the payer are still being sent waits for their payment first (`_hold`)."""
         payer = peer_key(peer)
         if payer is None:
             if raw or self.fee_per_mib:
@@ -294,11 +305,13 @@ class Biller:
                 with self._lock:
                     self._use_license(self._debt(payer), sm, sum(sizes))
             return len(sizes)
+        with self._lock:  # as it was when the payer asked (the debtor rule below judges what it knew then)
+            idle = self._debt(payer).open == 0
+        await self._hold(payer, sizes)
         with self._lock:
             debt = self._debt(payer)  # may have been dropped as settled meanwhile: then a fresh one
             unpaid = max(0, debt.granted - debt.paid)
             owed = hosting_cost(unpaid, self.fee_per_mib)
-            idle = debt.open == 0
         debtor = self.ledger.is_debtor(payer)
         if debtor or owed > self.window:
             # everything it was granted was sent, it was told to pay, and it asks again paying nothing,
@@ -325,6 +338,44 @@ class Biller:
             debt.open += sum(sizes[:k])
             self.peak_owed = max(self.peak_owed, hosting_cost(max(0, debt.granted - debt.paid), self.fee_per_mib))
         return k
+
+    async def _hold(self, payer: bytes, sizes: Sequence[int]) -> None:
+        """Wait (at most `hold_s`) while the credit `payer` has left covers fewer of `sizes` (a prefix)
+        than a quarter of the window would, and bytes granted to it are still being sent (or not yet
+        redeemed). Why: a payer streaming at its window asks for its next grant while its payment for
+        the bytes on their way is still in flight (`pay`, every PAY_EVERY verified bytes); answered at
+        once, that request gets one piece or a few, which then hold one of the payer's grant slots
+        until the grant before them is done, and the connection idles for the next request's round
+        trip. Held, the request is answered as soon as a payment lands, with the credit it bought.
+        Nothing is granted while waiting, so the window's bound is unchanged; a payer that sends no
+        payment is answered as before, only later (once what it was granted is sent, or after `hold_s`)."""
+        self._token = trio.lowlevel.current_trio_token()
+        quarter = (self.window // 4 << 20) // self.fee_per_mib  # the bytes a quarter of the window buys
+        want, total = 0, 0
+        for n in sizes:
+            if want and total + n > quarter:
+                break
+            want, total = want + 1, total + n
+        held = False
+        with trio.move_on_after(self.hold_s):
+            while True:
+                with self._lock:
+                    d = self._debts.get(payer)
+                    if d is None or d.open == 0:
+                        return
+                    unpaid = max(0, d.granted - d.paid)
+                    changed = self._changed
+                if self._room(unpaid, sizes) >= want:
+                    return
+                if not held:
+                    held = True
+                    self.held += 1
+                await changed.wait()
+
+    def _wake(self) -> None:
+        """Held requests look at their accounts again (trio side)."""
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _licensed(self, payer: bytes, sm: SignedManifest, sizes: Sequence[int]) -> Sequence[int]:
         """The prefix of `sizes` the payer's licenses for `sm` here still cover (taken from them when
@@ -361,6 +412,16 @@ class Biller:
             k += 1
         return k
 
+    def _room(self, unpaid: int, sizes: Sequence[int]) -> int:
+        """How many of `sizes` (a prefix) fit the window on top of `unpaid`, without the one piece past it."""
+        k = 0
+        for n in sizes:
+            if hosting_cost(unpaid + n, self.fee_per_mib) > self.window:
+                break
+            unpaid += n
+            k += 1
+        return k
+
     def _count(self, code: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
 
@@ -376,6 +437,10 @@ class Biller:
                 return
             d.open = max(0, d.open - granted)
             d.granted = max(0, d.granted - unsent)
+        token = self._token
+        if token is not None:  # from a bulk thread or the trio side alike
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._wake)
 
     def owed(self, peer: str) -> int:
         """What `peer` owes now for bytes granted beyond its receipts (micro-units)."""
@@ -473,6 +538,7 @@ class _Account:
     paid_bytes: int = 0  # piece bytes in the hosting lines we signed it in this fetch
     every: int = PAY_EVERY  # unpaid verified bytes that make `pay_along` pay it (less once it grants short)
     retried: bool = False  # asked again once with nothing to pay since the host last served us
+    paying: int = 0  # `pay` messages to it in flight (`pay_along`)
     licensed: bool = False  # the load's license receipt went to it (with the first request)
 
 
@@ -512,7 +578,7 @@ class Payer:
                 raise first_err
             return FetchPayments(self, sm, [])
         chosen = self._choose(ok, scores)
-        return FetchPayments(self, sm, chosen, reserves=[p for p in ok if p not in chosen])
+        return FetchPayments(self, sm, chosen, reserves=[p for p in ok if p not in chosen], expect=n_bytes)
 
     def _choose(self, providers: list, scores: Any) -> list:
         ranked = rank_by_price([Candidate(p.peer, p.fee_per_mib, scores.get(p.peer) if scores else 0.0,
@@ -551,8 +617,14 @@ class Payer:
 class FetchPayments:
     """One fetch's payments: hosting per host, the load's license, receipts not yet acknowledged."""
 
-    def __init__(self, payer: Payer, sm: SignedManifest, providers: list, reserves: list | None = None) -> None:
+    def __init__(self, payer: Payer, sm: SignedManifest, providers: list, reserves: list | None = None,
+                 expect: int = 0) -> None:
+        """`expect`: the piece bytes the fetch needs (0: unknown). Once that many have verified, the
+        last payment goes at once instead of after the fetch (`pay_along`)."""
         self.payer, self.sm = payer, sm
+        self.expect = expect
+        self.verified_bytes = 0  # piece bytes verified from every host in this fetch
+        self.last = False  # every byte expected has verified: pay what is unpaid now
         self.providers: list = []
         # within the spending limits but left out for their price: the fetch turns to them only when
         # the chosen ones cannot deliver (a cheap provider that lies in its offers, or vanishes, must
@@ -586,14 +658,21 @@ class FetchPayments:
 
     def verified(self, peer: str, n: int) -> None:
         """`n` piece bytes from `peer` verified against the manifest: owed to it at its fee. Once
-        PAY_EVERY bytes are unpaid (or any, for a host at its window), `pay_along` pays them."""
+        `every` bytes are unpaid (PAY_EVERY, less for a host at its window), or once every byte the
+        fetch expects has verified, `pay_along` pays them. The last payment then overlaps the
+        store's last group commit and the fetch's end instead of following them (`settle` finds
+        nothing left to pay)."""
         acct = self.accounts.get(peer)
-        if acct is not None and acct.fee > 0:
-            with self._unpaid_lock:  # called from the bulk receiving threads too
+        with self._unpaid_lock:  # called from the bulk receiving threads too
+            self.verified_bytes += n
+            last = not self.last and 0 < self.expect <= self.verified_bytes
+            self.last = self.last or last
+            due = False
+            if acct is not None and acct.fee > 0:
                 acct.unpaid += n
-                due = acct.unpaid >= acct.every
-            if due:
-                self._signal()
+                due = acct.unpaid >= acct.every or self.last
+        if due or last:
+            self._signal()
 
     def granted(self, peer: str, n: int, short: bool) -> None:
         """`peer` granted `n` piece bytes; `short`: fewer than asked, so it is at its credit window.
@@ -622,19 +701,35 @@ class FetchPayments:
         """While the fetch runs (in its nursery, cancelled with it): pay each host over
         `/kvnet/receipts/1.0.0` as verified bytes accumulate, so a streaming fetch does not stall on
         the host's credit window waiting for its next request to carry the payment. Never raises:
-        a failed payment is recorded and goes with the next request or `settle`."""
+        a failed payment is recorded and goes with the next request or `settle`. A payment once begun
+        is finished even when the fetch ends meanwhile (within `timeout`): the last one usually is
+        in flight then, and a request cut halfway costs the connection (kvnet.p2p.compat)."""
         self._token = trio.lowlevel.current_trio_token()
         self._due.set()  # what verified before it started
         task_status.started()
         try:
-            while True:
-                await self._due.wait()
-                self._due = trio.Event()
-                for acct in list(self.accounts.values()):
-                    if acct.unpaid > 0 and acct.unpaid >= acct.every:
-                        await self._pay_now(acct, open_stream, timeout)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await self._due.wait()
+                    self._due = trio.Event()
+                    for acct in list(self.accounts.values()):
+                        # one payment in flight per host; the last one goes at once, beside it: both
+                        # carry every receipt not yet acknowledged, so the host never sees a gap
+                        if (acct.unpaid > 0 and (acct.unpaid >= acct.every or self.last)
+                                and acct.paying < (2 if self.last else 1)):
+                            acct.paying += 1
+                            nursery.start_soon(self._pay_task, acct, open_stream, timeout)
         finally:
             self._token = None
+
+    async def _pay_task(self, acct: _Account, open_stream: Callable[[str, str], Awaitable[Any]],
+                        timeout: float) -> None:
+        with _uncancelled():
+            try:
+                await self._pay_now(acct, open_stream, timeout)
+            finally:
+                acct.paying -= 1
+                self._due.set()  # what verified meanwhile may be due now
 
     async def _pay_now(self, acct: _Account, open_stream: Callable[[str, str], Awaitable[Any]],
                        timeout: float) -> None:

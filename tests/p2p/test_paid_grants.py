@@ -13,7 +13,7 @@ import trio
 
 from kvnet import identity
 from kvnet.p2p import billing, bulk_wire
-from kvnet.p2p.fetcher import Provider
+from kvnet.p2p.fetcher import Provider, fetch_pieces
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms, ServeLimits
 from kvnet.receipts import Line, hosting_cost, verify_batch
 from tests.artifacts import fake_artifact
@@ -93,6 +93,65 @@ async def test_a_streaming_paid_fetch_never_owes_more_than_the_window_and_a_piec
     batch = verify_batch(h.ledger.export(), _key(h))
     assert batch.owed() == {(_key(c), "USD"): c.ledger.paid_by(_key(c), "USD", payee=_key(h))}
     assert h.ledger.paid_by(_key(c), "USD") >= hosting_cost(sm.manifest.total_bytes, FEE)
+
+
+@pytest.mark.trio
+async def test_a_request_with_no_credit_left_waits_for_the_payment_of_the_bytes_on_their_way(tmp_path):
+    """At its window, with bytes granted to the payer not yet sent, a host holds the next request
+    until a payment lands and answers it with the credit that bought (was: at once, with the one piece
+    past the window, which then kept a bulk connection's grant slot busy and the connection idle)."""
+    sm, pieces = fake_artifact(116, 1, piece_size=PIECE)
+    h = holding(tmp_path, "H", sm, pieces, timeout=3.0, terms=HostingTerms(fee_per_mib=FEE), credit_window=16)
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await start_nodes(n, h, c)
+        biller = h.server.biller
+        biller.hold_s = 60.0  # the payment below decides, not the clock
+        # a bulk grant of the whole window (four pieces), not redeemed: granted, not yet sent
+        (ans,), _ = await ask_frames(c, h, bulk_wire.BULK_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[0, 4]],
+                                                               "receipt": None})
+        assert ans["granted"] == 4 and biller.owed(pid(c)) == 16
+        answer: list = []
+
+        async def ask() -> None:
+            answer.append(await ask_frames(c, h, PIECES_PROTOCOL, {"v": 1, "manifest": sm.id, "ranges": [[4, 8]],
+                                                                   "receipt": None}))
+
+        n.start_soon(ask)
+        while biller.held == 0:  # the request is waiting (a state, not a duration)
+            await trio.sleep(0.01)
+        assert not answer
+        ch = c.ledger.open_channel(_key(h), "USD")
+        paid = c.ledger.pay(ch, [Line(sm.id, "hosting", 4 * PIECE, hosting_cost(4 * PIECE, FEE))])
+        ok = await billing._ask(c._open, pid(h), {"v": 1, "op": "pay", "receipt": [paid.raw]})
+        assert ok == {"v": 1, "ok": True}
+        with trio.fail_after(10):
+            while not answer:
+                await trio.sleep(0.01)
+        frames, got = answer[0]
+        assert [f.get("i") for f in frames[:-1]] == [4, 5, 6, 7] and frames[-1] == {"done": True} and got == 4 * PIECE
+        assert biller.held == 1 and biller.peak_owed == 16  # the four paid for, then four more: never past the window
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_the_last_payment_goes_as_the_last_piece_verifies_before_the_fetch_returns(tmp_path):
+    """Once every byte a fetch expects has verified, the payer pays at once, beside the store's last
+    commit; the fetch returns with nothing left for `settle` to pay, both ledgers already agreeing."""
+    sm, pieces = fake_artifact(117, 4, piece_size=PIECE)  # 64 pieces
+    h = holding(tmp_path, "H", sm, pieces, timeout=3.0, terms=HostingTerms(fee_per_mib=FEE))
+    c = make_node(tmp_path, "C", timeout=3.0)
+    async with trio.open_nursery() as n:
+        await start_nodes(n, h, c)
+        found = await c.find_manifest(sm.id)
+        c.store.put_manifest(sm.raw)
+        needed = list(range(len(pieces)))
+        pay = c.payer.start(sm, found.providers, sm.manifest.total_bytes, c.scores)
+        await fetch_pieces(sm, needed, pay.providers, c.runner, c._open, c.scores, bulk="tls", payments=pay)
+        acct = pay.accounts[pid(h)]
+        assert acct.unpaid == 0 and acct.unsent == {} and pay.last  # no `settle`: nothing left to pay
+        n.cancel_scope.cancel()
+    assert h.ledger.paid_by(_key(c), "USD") == hosting_cost(sm.manifest.total_bytes, FEE) == pay.totals()[pid(h)]
 
 
 @pytest.mark.trio
