@@ -19,7 +19,7 @@ alternately from the provider serving for free and serving at --fee per MiB (a s
 process each, the same store), --fetch-runs times each, in the same run. The time is `Node.fetch`
 wall clock, including the final payment (`pay` on /kvnet/receipts/1.0.0); beside it, the CPU seconds
 the fetching process and the provider process spent on it (a figure less sensitive to other load on
-the machine). Receipts go per group of pieces (with a request, or with `pay` every 16 MiB), not per
+the machine). Receipts go per group of pieces (with a request, or with `pay` every 32 MiB), not per
 piece.
 
     .venv/bin/python -m bench.receipts --n 500 --runs 1 --fetch-mb 256 --fetch-runs 3

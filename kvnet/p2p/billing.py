@@ -9,7 +9,9 @@ Payee (`Biller`, consulted by the pieces and bulk servers before they grant a re
 request's receipts into its ledger, durably, before it grants anything; it grants the prefix of a
 request that keeps the value granted to the payer beyond what it paid within the credit window (the
 answer says how many pieces), answers `payment_required` over it, and cuts off as a `debtor` a payer
-over it that, told to pay, sends no payment at all. For a manifest with a license price it grants
+over it that, told to pay, sends no receipt at all. A request that finds no credit while bytes it
+granted the payer are still being sent waits (at most HOLD_S) for their payment first, so that a
+streaming payer's next grant is not the one piece past the window. For a manifest with a license price it grants
 only what the payer's license receipts for it cover at this host (one load each). It keeps at most
 MAX_ACCOUNTS payer accounts in memory (identities are free).
 
@@ -18,7 +20,8 @@ piece bytes each host delivered that verified, and when it builds the next reque
 once PAY_EVERY bytes are unpaid (`pay_along`, over `/kvnet/receipts/1.0.0`), it signs one hosting
 receipt for all of them (receipts per group of pieces, not per piece), records it and sends it. A
 load's license receipt is signed once and goes with the first request to every host of the fetch.
-After the fetch it pays what is left over `/kvnet/receipts/1.0.0`.
+Once every byte the fetch expects has verified it pays what is left at once (beside the store's last
+commit); after the fetch it pays anything still left over `/kvnet/receipts/1.0.0`.
 """
 
 from __future__ import annotations
