@@ -164,7 +164,6 @@ async def test_a_payer_that_stops_paying_is_cut_off_as_a_debtor_until_it_pays(tm
         n.cancel_scope.cancel()
 
 
-
 @pytest.mark.trio
 async def test_a_host_that_bills_more_than_its_offer_is_refused_and_scored_down(tmp_path):
     sm, pieces = fake_artifact(74, 4, piece_size=PIECE)
