@@ -64,3 +64,15 @@ async def ask_frames(client, host, protocol: str, msg: dict) -> tuple[list[dict]
                     return frames, got
     finally:
         await stream.close()
+
+
+async def found_by(node: Node, manifest_id: bytes, peers: set[str]):
+    """`node.find_manifest` once it found exactly `peers` (base58 peer ids). A lookup stops
+    OFFER_GRACE_S after the first offer that verifies, so on a loaded machine another provider's offer
+    may come too late for one lookup: tests that need every provider found look again (at most 30 s)."""
+    with trio.fail_after(30):
+        while True:
+            found = await node.find_manifest(manifest_id)
+            if found is not None and {p.peer for p in found.providers} == peers:
+                return found
+            await trio.sleep(0.1)

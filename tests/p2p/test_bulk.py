@@ -27,7 +27,7 @@ from kvnet.p2p.scores import PENALTY, PeerScores
 from kvnet.p2p.server import StoreRunner
 from kvnet.store import Store
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import holding, make_node, pid, start_nodes
+from tests.p2p.conftest import found_by, holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16  # 64 KiB pieces: many pieces from a few MiB
 
@@ -37,17 +37,6 @@ def _holding(tmp_path, name: str, sm, pieces, **kw):
 
 
 _start, _pid = start_nodes, pid
-
-
-async def _found_all(c, sm, n: int):
-    """A lookup that found `n` providers: a lookup stops shortly after the first offer that verifies,
-    and on a loaded machine the others' may come later (then look again)."""
-    with trio.fail_after(30):
-        while True:
-            found = await c.find_manifest(sm.id)
-            if found is not None and len(found.providers) == n:
-                return found
-            await trio.sleep(0.1)
 
 
 def _own_listener(node, **limits) -> BulkServer:
@@ -172,7 +161,7 @@ async def test_a_lying_bulk_provider_is_dropped_and_scored_down(tmp_path):
         lying = _LyingBulk(liar.server, "127.0.0.1")
         lying.start()
         liar.host.set_stream_handler(bw.BULK_PROTOCOL, lying.handle_bulk)
-        found = await _found_all(c, sm, 2)
+        found = await found_by(c, sm.id, {_pid(liar), _pid(honest)})
         before = c.scores.good(_pid(liar), 50)  # first in line
         result = await c.fetch(found)
         n.cancel_scope.cancel()
@@ -204,7 +193,7 @@ async def test_a_provider_whose_disk_rotted_is_caught_on_the_zero_copy_path(tmp_
     c = make_node(tmp_path, "C", timeout=2.0)
     async with trio.open_nursery() as n:
         await _start(n, honest, rotten, c)
-        found = await _found_all(c, sm, 2)
+        found = await found_by(c, sm.id, {_pid(honest), _pid(rotten)})
         c.scores.good(_pid(rotten), 50)  # first in line
         result = await c.fetch(found, bulk=mode)
         n.cancel_scope.cancel()
@@ -342,7 +331,7 @@ async def test_three_bulk_providers_are_all_used_and_bytes_stay_near_the_artifac
     c = make_node(tmp_path, "C", timeout=2.0)
     async with trio.open_nursery() as n:
         await _start(n, *provs, c)
-        found = await _found_all(c, sm, 3)
+        found = await found_by(c, sm.id, {_pid(x) for x in provs})
         result = await c.fetch(found, bulk="tcp")
         n.cancel_scope.cancel()
     assert set(result.paths.values()) == {"bulk-tcp"}

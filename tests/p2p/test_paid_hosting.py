@@ -18,7 +18,7 @@ from kvnet.p2p.fetcher import FetchError
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms
 from kvnet.receipts import Line, hosting_cost, verify_batch
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import holding, make_node, pid, start_nodes
+from tests.p2p.conftest import found_by, holding, make_node, pid, start_nodes
 
 PIECE = 1 << 16  # 64 KiB pieces: 64 pieces from 4 MiB
 FEE = 40  # micro-units per MiB
@@ -58,17 +58,6 @@ def _assert_ledgers_agree(payer, payee, total_bytes: int) -> None:
     batch = verify_batch(payee.ledger.export(), _key(payee))  # the payee's settlement batch, offline
     assert batch.owed() == {(_key(payer), "USD"): cumulative}
     assert payee.ledger.debtors() == []
-
-
-async def _found_at(c, sm, peers: set[str]):
-    """A lookup that found every one of `peers`: a lookup stops OFFER_GRACE_S after the first offer
-    that verifies, and on a loaded machine the other's may come later (then look again)."""
-    with trio.fail_after(30):
-        while True:
-            found = await c.find_manifest(sm.id)
-            if found is not None and {p.peer for p in found.providers} == peers:
-                return found
-            await trio.sleep(0.1)
 
 
 @pytest.mark.trio
@@ -212,7 +201,7 @@ async def test_a_cheaper_honest_host_is_chosen(tmp_path):
     c = make_node(tmp_path, "C", timeout=3.0)
     async with trio.open_nursery() as n:
         await _start(n, dear, cheap, c)
-        found = await _found_at(c, sm, {_pid(cheap), _pid(dear)})
+        found = await found_by(c, sm.id, {_pid(cheap), _pid(dear)})
         result = await c.fetch(found)
         n.cancel_scope.cancel()
     assert result.providers[_pid(cheap)]["pieces"] == len(pieces)
@@ -230,7 +219,7 @@ async def test_a_pricier_host_still_serves_what_the_cheap_one_lacks(tmp_path):
     c = make_node(tmp_path, "C", timeout=3.0)
     async with trio.open_nursery() as n:
         await _start(n, dear, cheap, c)
-        result = await c.fetch(await _found_at(c, sm, {_pid(cheap), _pid(dear)}))
+        result = await c.fetch(await found_by(c, sm.id, {_pid(cheap), _pid(dear)}))
         n.cancel_scope.cancel()
     assert result.fetched == len(pieces)
     assert result.providers[_pid(dear)]["pieces"] >= len(pieces) - half  # at least what only it holds
@@ -250,7 +239,7 @@ async def test_a_cheap_host_that_cannot_serve_falls_back_to_a_pricier_one(tmp_pa
     c = make_node(tmp_path, "C", timeout=3.0)
     async with trio.open_nursery() as n:
         await _start(n, dear, free, c)
-        found = await _found_at(c, sm, {_pid(free), _pid(dear)})
+        found = await found_by(c, sm.id, {_pid(free), _pid(dear)})
         assert [p.peer for p in c.payer.start(sm, found.providers, sm.manifest.total_bytes,
                                               c.scores).providers] == [_pid(free)]  # dear left out
         free.store.delete(sm.id, force=True)  # after its offer: every request is answered "missing"
@@ -276,7 +265,7 @@ async def test_a_small_artifact_from_two_hosts_comes_and_is_paid_once(tmp_path, 
     c = make_node(tmp_path, "C", timeout=3.0)
     async with trio.open_nursery() as n:
         await _start(n, a, b, c)
-        found = await _found_at(c, sm, {_pid(a), _pid(b)})
+        found = await found_by(c, sm.id, {_pid(a), _pid(b)})
         result = await c.fetch(found)
         n.cancel_scope.cancel()
     assert result.fetched == len(pieces) and result.received_bytes == sm.manifest.total_bytes

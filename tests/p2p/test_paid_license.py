@@ -18,7 +18,7 @@ from kvnet.p2p import billing, wire
 from kvnet.p2p.server import PIECES_PROTOCOL, HostingTerms
 from kvnet.receipts import Line, verify_batch
 from tests.artifacts import fake_artifact
-from tests.p2p.conftest import make_node
+from tests.p2p.conftest import found_by, make_node
 
 PIECE = 1 << 16
 PRICE = 500
@@ -171,8 +171,7 @@ async def test_a_load_from_two_hosts_pays_its_license_once_and_both_require_it(t
         for node in (b, c, p):
             node.bootstrap = [a.addrs[0]]
             await n.start(partial(node.run, announce=node is not c))
-        found = await c.find_manifest(sm.id)
-        assert {x.peer for x in found.providers} == {_pid(a), _pid(b)}
+        found = await found_by(c, sm.id, {_pid(a), _pid(b)})
         result = await c.fetch(found)
         assert result.fetched == len(pieces)
         assert all(st["dropped"] is None for st in result.providers.values())

@@ -15,6 +15,7 @@ from kvnet.p2p.node import Node
 from kvnet.p2p.scores import PeerScores
 from kvnet.store import Store
 from tests.artifacts import fake_artifact, provider_home, serve_process
+from tests.p2p.conftest import found_by
 
 ROOT = Path(__file__).parents[2]
 MB = 48
@@ -62,8 +63,7 @@ async def test_provider_killed_mid_transfer(tmp_path, artifact, providers):
 
     async with trio.open_nursery() as n:
         await n.start(client.run)
-        found = await client.find_manifest(sm.id)
-        assert len(found.providers) == 2
+        found = await found_by(client, sm.id, {addr.rsplit("/", 1)[-1] for addr in (addr1, addr2)})
         # 2-piece requests and grants: p1 always has work left when it dies at the 8th stored piece (with
         # grants of a share of what is left, 24 pieces each, it had often delivered all of it by then)
         result = await client.fetch(found, sm.manifest.n_tokens, on_piece=on_piece, window=2, batch=2,
