@@ -73,10 +73,11 @@ OFFER_GRACE_S = 1.0  # how long other offers may still arrive once one verified
 # fresh lookups of a manifest a fetch makes once its providers (reserves included) failed it; each
 # skips the providers that failed, so a phantom offer that ended the first lookup cannot end them
 MAX_RELOOKUPS = 2
-# drops that are no lie (a stream that would not open, a provider busy at its limits): such a provider
-# may be asked again by a re-lookup, where its fresh offer must verify like anyone's (a vanished one
-# offers nothing); every other drop, and `missing` for pieces its offer claimed, keeps it out
-NOT_A_LIE = frozenset({"unreachable", "refused"})
+# a drop that is no lie (a stream that would not open): such a provider may be asked again by a
+# re-lookup, where its fresh offer must verify like anyone's (a vanished one offers nothing). Every
+# other drop keeps it out for the rest of the fetch: `missing` for pieces its offer claimed, a lie, and
+# `refused` too (busy or rate limited: asking again a second later only spends its budget and ours)
+NOT_A_LIE = frozenset({"unreachable"})
 # libp2p logs every failed dial to a departed peer at ERROR (hundreds of lines a minute in a devnet);
 # kvnet logs what matters about peers itself, on its own loggers.
 LIBP2P_LOG_LEVEL = logging.CRITICAL
@@ -664,7 +665,7 @@ class Node:
 
         Providers that failed it (dropped for a lie or a stall, or answered `missing` for pieces their
         offer claimed) are not asked; the lookup goes on until an offer from another, un-avoided peer
-        holds a piece still missing. A provider dropped only as unreachable or busy (NOT_A_LIE) may
+        holds a piece still missing. A provider dropped only as unreachable (NOT_A_LIE) may
         offer again: py-libp2p can fail to open a stream on a connection that has just answered.
         The new providers go through the spending limits and provider choice like the first ones (the
         ledger already holds what the failed attempts paid, so the daily limits count it); the load's

@@ -63,8 +63,7 @@ async def test_fetch_routes_around_a_liar(tmp_path, tiny_bf16, mode):
         for node in (honest2, liar, client):
             node.bootstrap = [boot.addrs[0]]
             await n.start(node.run)
-        found = await client.find_manifest(pub.manifest_id)
-        assert len(found.providers) == 3
+        found = await found_by(client, pub.manifest_id, {x.peer_id.to_base58() for x in (honest1, honest2, liar)})
         # make the liar first in line, so it is certainly asked for pieces first
         before = client.scores.good(liar.peer_id.to_base58(), 50)
         result = await client.fetch(found, found.signed.manifest.n_tokens, window=WINDOW, batch=4)
