@@ -407,13 +407,7 @@ class Biller:
         least one (the caller checked that `unpaid` alone costs at most the window). The one piece
         past the window keeps a payer going that owes exactly the window for bytes it never got (sent
         to it before it crashed): it pays for each piece it verifies, one request at a time."""
-        k = 0
-        for n in sizes:
-            if k and hosting_cost(unpaid + n, self.fee_per_mib) > self.window:
-                break
-            unpaid += n
-            k += 1
-        return k
+        return min(len(sizes), max(1, self._room(unpaid, sizes)))
 
     def _room(self, unpaid: int, sizes: Sequence[int]) -> int:
         """How many of `sizes` (a prefix) fit the window on top of `unpaid`, without the one piece past it."""
