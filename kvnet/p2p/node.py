@@ -452,12 +452,25 @@ class Node:
 
     # -- finding --------------------------------------------------------------------------------
 
-    async def offers(self, peer: ID, key: bytes) -> list[Offer]:
-        """Ask `peer` what it holds for a chain key or manifest id. Lies are scored down."""
+    async def offers(self, peer: ID, key: bytes, *, attempts: int = 1) -> list[Offer]:
+        """Ask `peer` what it holds for a chain key or manifest id. Lies are scored down.
+
+        A request that gets no answer (dial failure, reset, timeout) is tried again up to `attempts`
+        times in all: a lookup gives its preferred peers two, since a provider that served verified
+        pieces may be the only honest one, and one lost answer would make the lookup come back empty.
+        """
+        for _ in range(attempts):
+            got = await self._offer_once(peer, key)
+            if got is not None:
+                return got
+        return []
+
+    async def _offer_once(self, peer: ID, key: bytes) -> list[Offer] | None:
+        """One `offer` request: the offers, [] for a bad answer (scored down), None for no answer."""
         who = peer.to_base58()
         try:
             with trio.fail_after(min(self.timeout, OFFER_TIMEOUT_S)):
-                stream = await self.host.new_stream(peer, [OFFER_PROTOCOL])
+                stream = await self._open(who, OFFER_PROTOCOL)
                 try:
                     await wire.write_frame(stream, {"v": wire.PROTOCOL_VERSION, "key": key, "receipt": None})
                     resp = await wire.read_frame(stream, wire.MAX_RESPONSE)
@@ -481,6 +494,7 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - unreachable or reset peers just offer nothing
             self.scores.bad(who, "unreachable")
             log.debug("no offer from %s: %s", who, _cause(exc))
+            return None
         return []
 
     async def find(self, model_id: bytes, tokens: list[int],
@@ -540,7 +554,7 @@ class Node:
 
         async def ask(info, first_good: trio.Event) -> None:
             async with limiter:
-                got = await self.offers(info.peer_id, key)
+                got = await self.offers(info.peer_id, key, attempts=2 if self._preferred(info.peer_id) else 1)
             got = [o for o in got if proofs.admissible(self.refusals, o.signed)]  # refused: not a lie
             ok = [o for o in got if accept(o)]
             if len(ok) < len(got):
