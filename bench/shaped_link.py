@@ -1,15 +1,20 @@
-"""The bulk path on a shaped link: 2 providers and a fetcher in network namespaces, joined by veth
-pairs through a bridge, with the fetcher's link rate-limited by tbf; MB/s against plain TCP on the
-same shaped link, and bytes received over the artifact's size.
+"""The bulk path on a shaped link: providers and a fetcher in network namespaces, joined by veth
+pairs through a bridge, with links rate-limited by tbf; MB/s against plain TCP on the same shaped
+link, and bytes received over the artifact's size.
 
     .venv/bin/python -m bench.shaped_link --rates 100mbit,1gbit --mb 40 --runs 3     (as root)
+    .venv/bin/python -m bench.shaped_link --shape providers --rates 100mbit --runs 3  (as root)
 
-Topology: namespaces kvsh-sw (a bridge), kvsh-f (the fetcher), kvsh-p1 and kvsh-p2 (`kvnet serve`
-processes holding the same signed artifact); each has one veth pair to the bridge (MTU 1500). Both
-directions of the fetcher's link are shaped: a tbf qdisc on the bridge's port towards the fetcher
-(what it downloads) and one on the fetcher's own veth (what it uploads), at `--rate`, burst
-max(32 KiB, rate / 250 s), 20 ms of queue. The providers' links are not shaped: the fetcher's link
-is the bottleneck, as for a client on a last-mile link.
+Topology: namespaces kvsh-sw (a bridge), kvsh-f (the fetcher), kvsh-p1, kvsh-p2 and kvsh-p3 (`kvnet
+serve` processes holding the same signed artifact); each has one veth pair to the bridge (MTU 1500).
+A shaped link has both directions shaped: a tbf qdisc on the bridge's port towards the namespace and
+one on the namespace's own veth, at `--rate`, burst max(32 KiB, rate / 250 s), 20 ms of queue.
+
+- `--shape fetcher` (default): only the fetcher's link is shaped, the bottleneck of a client on a
+  last-mile link; the fetch uses 2 providers.
+- `--shape providers`: every provider's link is shaped and the fetcher's is not, as when each
+  provider's upload is the limit; fetches from 1 and from 3 providers, so the table shows what
+  more providers buy where the link, not this machine's 2 shared cores, is the limit.
 
 Delay is not emulated: this machine's kernel has neither `netem` nor `fq` (which would allow an
 earliest-departure-time delay from a BPF classifier), only `tbf` and `htb`, which shape rate. A
@@ -20,7 +25,7 @@ used: these figures are for rate-limited links with sub-millisecond RTT only.
 "plain TCP" is one TCP stream from a process in kvsh-p1 to one in kvsh-f over the same shaped link
 (1 MiB writes), the ceiling any fetch over it can reach. Each fetch row is a fresh fetcher node in
 kvsh-f (bench/transfer.py's `fetch_once`: verify + durable store) fetching from both providers.
-Writes bench/out/shaped_link.json.
+Writes bench/out/shaped_link.json (`--shape providers`: bench/out/shaped_link_providers.json).
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NS_SW, NS_F, NS_P = "kvsh-sw", "kvsh-f", ("kvsh-p1", "kvsh-p2")
+NS_SW, NS_F, NS_P = "kvsh-sw", "kvsh-f", ("kvsh-p1", "kvsh-p2", "kvsh-p3")
 SUBNET = "10.78.0"
 IP_F = f"{SUBNET}.2"
-IP_P = (f"{SUBNET}.11", f"{SUBNET}.12")
+IP_P = (f"{SUBNET}.11", f"{SUBNET}.12", f"{SUBNET}.13")
+PROVIDER_COUNTS = {"fetcher": (2,), "providers": (1, 3)}  # the fetch rows of each --shape
 SENDER = r"""
 import socket, sys
 data = bytes(1 << 20)
@@ -89,13 +95,21 @@ def setup() -> None:
         sh(*in_ns(ns, "ip", "link", "set", "eth0", "up"))
 
 
-def shape(rate: str) -> None:
-    """tbf at `rate` on both directions of the fetcher's link."""
+def _links(where: str) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The (bridge end, namespace end) of each link `--shape` names."""
+    if where == "fetcher":
+        return [((NS_SW, "sw-f"), (NS_F, "eth0"))]
+    return [((NS_SW, f"sw-p{n + 1}"), (ns, "eth0")) for n, ns in enumerate(NS_P)]
+
+
+def shape(rate: str, where: str) -> None:
+    """tbf at `rate` on both directions of the links `where` names."""
     bits = _rate_bits(rate)
     burst = max(32 * 1024, bits // 8 // 250)
-    for ns, dev in ((NS_SW, "sw-f"), (NS_F, "eth0")):
-        sh(*in_ns(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
-                  "latency", "20ms"))
+    for link in _links(where):
+        for ns, dev in link:
+            sh(*in_ns(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
+                      "latency", "20ms"))
 
 
 def _rate_bits(rate: str) -> int:
@@ -108,7 +122,7 @@ def _rate_bits(rate: str) -> int:
 
 @contextmanager
 def providers(tmp: Path, mb: int):
-    """Two `kvnet serve` processes, one per provider namespace, holding the same artifact."""
+    """One `kvnet serve` process per provider namespace, each holding the same artifact."""
     from tests.artifacts import fake_artifact, provider_home
 
     sm, pieces = fake_artifact(9, mb, kv_shape=(28, 8, 128))
@@ -136,7 +150,8 @@ def providers(tmp: Path, mb: int):
 # -- inside the fetcher's namespace ---------------------------------------------------------------
 
 def raw_tcp(mb: int) -> float:
-    """MB/s of one TCP stream from kvsh-p1 to here over the shaped link."""
+    """MB/s of one TCP stream from kvsh-p1 to here (over the shaped link, or through one shaped
+    provider link)."""
     srv = socket.socket()
     srv.bind((IP_F, 0))
     srv.listen(1)
@@ -147,7 +162,7 @@ def raw_tcp(mb: int) -> float:
 
 
 def inner(args: argparse.Namespace) -> None:
-    """Runs in kvsh-f: plain TCP, then fetches from both providers; prints one JSON line."""
+    """Runs in kvsh-f: plain TCP, then the fetches of `--shape`'s provider counts; one JSON line."""
     import trio
 
     from bench.transfer import fetch_once
@@ -156,15 +171,16 @@ def inner(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvnet-shaped-"))
     try:
         for label, bulk in (("bulk tcp", "tcp"), ("bulk tls", "tls"), ("libp2p streams", None)):
-            runs, rx = [], []
-            for r in range(args.runs):
-                res = trio.run(fetch_once, tmp / f"C-{bulk}-{r}", args.bootstrap, bytes.fromhex(args.mid), 2, 4, 8,
-                               bulk)
-                runs.append(res["mb_s"])
-                rx.append(res["received"])
-                print(f"  {args.rate} {label} run {r + 1}: {res['mb_s']:.1f} MB/s, received {res['received']:.3f}x "
-                      f"{res['per_provider']}", file=sys.stderr, flush=True)
-            out[f"{label}, 2 providers (verify + store)"] = {"runs": runs, "received": rx}
+            for n in PROVIDER_COUNTS[args.shape]:
+                runs, rx = [], []
+                for r in range(args.runs):
+                    res = trio.run(fetch_once, tmp / f"C-{bulk}-{n}-{r}", args.bootstrap, bytes.fromhex(args.mid),
+                                   n, 4, 8, bulk)
+                    runs.append(res["mb_s"])
+                    rx.append(res["received"])
+                    print(f"  {args.shape} {args.rate} {label} x{n} run {r + 1}: {res['mb_s']:.1f} MB/s, received "
+                          f"{res['received']:.3f}x {res['per_provider']}", file=sys.stderr, flush=True)
+                out[f"{label}, {n} provider{'s' if n > 1 else ''} (verify + store)"] = {"runs": runs, "received": rx}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out), flush=True)
@@ -177,6 +193,8 @@ def main() -> None:
     ap.add_argument("--rates", default="100mbit,1gbit", help="comma-separated tbf rates")
     ap.add_argument("--mb", type=int, default=40)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--shape", choices=sorted(PROVIDER_COUNTS), default="fetcher",
+                    help="whose links are shaped: the fetcher's, or every provider's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "shaped_link.json")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
@@ -193,10 +211,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="kvnet-shaped-") as d, providers(Path(d), args.mb) as (sm, addrs):
             for rate in args.rates.split(","):
-                shape(rate)
+                shape(rate, args.shape)
                 proc = subprocess.run(in_ns(NS_F, sys.executable, "-m", "bench.shaped_link", "--inner", "--bootstrap",
                                             addrs[0], "--mid", sm.id.hex(), "--mb", str(args.mb), "--runs",
-                                            str(args.runs), "--rate", rate),
+                                            str(args.runs), "--rate", rate, "--shape", args.shape),
                                       stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, check=True)
                 results[rate] = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[rate]["artifact_bytes"] = sm.manifest.total_bytes
@@ -210,7 +228,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table("link", "path", "min MB/s", "median MB/s", "max MB/s", "median / plain TCP", "received (max)",
-                  title=f"{args.mb} MiB, 2 providers, {args.runs} runs, tbf-shaped fetcher link, no added delay")
+                  title=f"{args.mb} MiB, {args.runs} runs, tbf-shaped {args.shape} link(s), no added delay")
     for rate, rows in results.items():
         plain = statistics.median(rows["plain TCP"]["runs"])
         for name, row in rows.items():
@@ -224,7 +242,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
                           f"{statistics.median(runs) / plain:.2f}", rx)
     Console(width=200).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    out = args.out if args.shape == "fetcher" else args.out.with_name(f"{args.out.stem}_{args.shape}.json")
+    out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ BULK_BATCH = 64  # pieces per bulk grant (at most the 64 a request may ask for)
 # next grant's libp2p round trip (20-50 ms on 2 loaded cores, up to ~700 ms) idles the connection:
 # 256 pieces from 3 providers took 18 grants (down to 8, 4 and 1 pieces) with shares of
 # left / (2 x live) and a floor of 8, and 7 from 1 provider; with left / live and this floor, 7 and 4.
+# The floor is never above an even split of the whole fetch among the live providers: 40 pieces from
+# 3 providers shaped to 100 Mbit each went 16/16/8 (2.4x one provider) with a floor of 16, since the
+# third finished early and idled; 14/14/12 ends together.
 MIN_BULK_GRANT = 16
 BULK_GRANTS_AHEAD = 2  # grants outstanding per bulk connection: one streaming, the next already redeemed
 # With other live providers, a connection asks for its next grant only once what it still has to
@@ -190,7 +193,8 @@ class Fetch:
         request slot of the live providers, so that every provider gets work. A bulk grant is up to
         `bulk_batch` pieces, but no more than `p`'s part of the work left (`_bulk_share`), so that
         the providers finish together instead of one ending the fetch alone; never fewer than
-        MIN_BULK_GRANT, since each grant costs a libp2p round trip on both sides."""
+        MIN_BULK_GRANT (or an even split of the whole fetch, if smaller), since each grant costs a
+        libp2p round trip on both sides."""
         # rarest first (then in order, so grants stay runs of consecutive pieces): a provider takes the
         # pieces fewer live providers hold before those others could serve too, so the one host of some
         # pieces (often a pricier one, kept for them, kvnet.p2p.billing) is not busy with shared ones
@@ -199,7 +203,8 @@ class Fetch:
                        key=lambda i: (sum(i in h for h in live_have), i))
         live = sum(1 for q in self.providers if q.dropped is None) or 1
         if bulk:
-            fresh = fresh[: min(self.bulk_batch, max(MIN_BULK_GRANT, self._bulk_share(p, len(fresh))))]
+            floor = min(MIN_BULK_GRANT, math.ceil(self.total / live))
+            fresh = fresh[: min(self.bulk_batch, max(floor, self._bulk_share(p, len(fresh))))]
         else:  # so that the first providers' windows do not take everything (3 providers used only 1-2)
             fresh = fresh[: min(self.batch, max(1, len(fresh) // (self.window * live)))]
         now = trio.current_time()

@@ -251,7 +251,11 @@ async def test_idle_inbound_connections_are_closed_and_a_long_fetch_is_not(tmp_p
         client = make_node(tmp_path, "client", [victim.addrs[0]])
         await n.start(functools.partial(client.run, announce=False))
         await _fetch(client, sm)
-        await _until(lambda: not swarm.get_connections(client.peer_id))  # idle: closed by the victim
+        # idle: closed by the victim. Only the client's inbound connection: the victim may have dialled
+        # the client itself meanwhile (its own announcement or DHT refresh reaching a peer whose
+        # connection it had just closed; seen 1 in 8 runs under load), and idle close is for what
+        # strangers open, not for the node's own connections
+        await _until(lambda: not [c for c in swarm.get_connections(client.peer_id) if not c.muxed_conn.is_initiator])
         await _fetch(client, victim.held[1])  # the client simply dials again
         print(f"\nidle closes: {swarm._kvnet_idle_closed}; slow fetch of {got} pieces kept its connection")
         n.cancel_scope.cancel()

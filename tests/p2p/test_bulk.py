@@ -22,7 +22,7 @@ from kvnet.p2p import bulk_wire as bw
 from kvnet.p2p import wire
 from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.bulk_server import BulkServer, make_tls_context
-from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD, ENDGAME_AFTER_S, Fetch, Provider
+from kvnet.p2p.fetcher import BULK_GRANTS_AHEAD, ENDGAME_AFTER_S, MIN_BULK_GRANT, Fetch, Provider
 from kvnet.p2p.scores import PENALTY, PeerScores
 from kvnet.p2p.server import StoreRunner
 from kvnet.store import Store
@@ -423,6 +423,18 @@ async def test_bulk_grants_split_the_work_left_by_measured_rate_and_a_lone_provi
     even1, even2 = Provider("even1", set(range(n))), Provider("even2", set(range(n)))
     f = _assigning(tmp_path / "3", sm, [even1, even2], bulk_batch=n)  # no rate known yet: equal parts
     assert len(f._take(even1, bulk=True)) == 128 and len(f._take(even2, bulk=True)) == 128
+
+
+@pytest.mark.trio
+async def test_a_small_fetch_is_split_evenly_not_in_grants_of_the_minimum(tmp_path):
+    """40 pieces from 3 providers: MIN_BULK_GRANT (16) would give 16/16/8, and the third would idle
+    while the others still send; the floor is an even split of the fetch, so 14/14/12."""
+    sm, _ = fake_artifact(73, 3, piece_size=PIECE)  # 48 pieces, 40 of them fetched
+    ps = [Provider(f"p{k}", set(range(len(sm.manifest.pieces)))) for k in range(3)]
+    f = Fetch(sm, list(range(40)), ps, StoreRunner(Store(tmp_path / "store")), _no_network, PeerScores(None),
+              bulk="tcp")
+    assert [len(f._take(p, bulk=True)) for p in ps] == [14, 14, 12]
+    assert MIN_BULK_GRANT == 16
 
 
 @pytest.mark.trio
