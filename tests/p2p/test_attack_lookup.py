@@ -244,7 +244,6 @@ async def test_liars_claiming_every_prefix_boundary_do_not_move_the_prefix_searc
         n.cancel_scope.cancel()
 
 
-
 async def _flaky_offers(node: Node, drops: int) -> list[int]:
     """Make `node` reset its first `drops` offer requests (an answer lost on the way, as under load);
     returns a list that counts every offer request it gets."""

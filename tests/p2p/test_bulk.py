@@ -395,10 +395,12 @@ async def _no_network(peer: str, protocol: str):
     raise AssertionError("assignment alone opens no stream")
 
 
-def _assigning(tmp_path, sm, providers: list[Provider], **kw) -> Fetch:
-    """A fetch of every piece of `sm` from `providers`, used for its assignment only (nothing is sent)."""
-    return Fetch(sm, list(range(len(sm.manifest.pieces))), providers, StoreRunner(Store(tmp_path / "store")),
-                 _no_network, PeerScores(None), bulk="tcp", **kw)
+def _assigning(tmp_path, sm, providers: list[Provider], needed: list[int] | None = None, **kw) -> Fetch:
+    """A fetch of `needed` (default: every piece of `sm`) from `providers`, used for its assignment
+    only (nothing is sent)."""
+    needed = list(range(len(sm.manifest.pieces))) if needed is None else needed
+    return Fetch(sm, needed, providers, StoreRunner(Store(tmp_path / "store")), _no_network, PeerScores(None),
+                 bulk="tcp", **kw)
 
 
 def _delivered(p: Provider, nbytes: int, seconds: float) -> None:
@@ -431,8 +433,7 @@ async def test_a_small_fetch_is_split_evenly_not_in_grants_of_the_minimum(tmp_pa
     while the others still send; the floor is an even split of the fetch, so 14/14/12."""
     sm, _ = fake_artifact(73, 3, piece_size=PIECE)  # 48 pieces, 40 of them fetched
     ps = [Provider(f"p{k}", set(range(len(sm.manifest.pieces)))) for k in range(3)]
-    f = Fetch(sm, list(range(40)), ps, StoreRunner(Store(tmp_path / "store")), _no_network, PeerScores(None),
-              bulk="tcp")
+    f = _assigning(tmp_path, sm, ps, needed=list(range(40)))
     assert [len(f._take(p, bulk=True)) for p in ps] == [14, 14, 12]
     assert MIN_BULK_GRANT == 16
 
