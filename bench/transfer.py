@@ -22,8 +22,9 @@ published into a provider's store and served by a real `kvnet serve` process; "f
 document + question to the first answer token; "local reuse" loads the verified KV from the
 publisher's store and runs the question to the first token (kvnet.reuse.load_prefix, as
 bench/publish_load.py times it); "remote reuse" is a fresh fetcher node in this process that fetches
-the artifact over the bulk path (after finding it), then loads it from its own store and runs the
-question: fetch + load + first token. Ratios are to full prefill and to local reuse (the target is
+the artifact over the bulk path (after finding it), building the KV from each piece as it verifies
+(kvnet.artifact.KVBuilder, as kvnet-node does), and runs the question: fetch + load (what the fetch
+did not bring, nothing here) + first token. Ratios are to full prefill and to local reuse (the target is
 within 1.3x of local reuse).
 """
 
@@ -42,6 +43,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -221,30 +223,35 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-async def _fetch_for_reuse(tmp: Path, bootstrap: str, mid: bytes, mode: str) -> tuple[Store, dict]:
-    """A fresh fetcher node: find the artifact, then fetch it over bulk `mode` (timed)."""
+async def _fetch_for_reuse(tmp: Path, bootstrap: str, mid: bytes, mode: str, engine) -> tuple[Store, dict, Any]:
+    """A fresh fetcher node: find the artifact, then fetch it over bulk `mode` (timed), building the KV
+    from the pieces as they verify (kvnet.artifact.KVBuilder, as the daemon does)."""
+    from kvnet.artifact import KVBuilder
+
     client = Node(Ed25519PrivateKey.generate(), Store(tmp / "store"), bootstrap=[bootstrap], timeout=30)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(client.run, announce=False))
         t0 = time.perf_counter()
         found = await _found(client, mid, 1)
         t1 = time.perf_counter()
-        result = await client.fetch(found, bulk=mode)
+        builder = KVBuilder(found.signed.manifest, engine)
+        result = await client.fetch(found, bulk=mode, on_verified=builder.add)
         t2 = time.perf_counter()
         nursery.cancel_scope.cancel()
-    return client.store, {"find_s": t1 - t0, "fetch_s": t2 - t1, "fetch_mb_s": result.mb_per_s}
+    return client.store, {"find_s": t1 - t0, "fetch_s": t2 - t1, "fetch_mb_s": result.mb_per_s}, builder
 
 
 def remote_reuse_once(tmp: Path, bootstrap: str, mid: bytes, mode: str, engine, suffix: list[int]) -> dict:
-    """Fetch over the bulk path, then load + first token from the fetched store. The node is stopped
-    before the load (as `kvnet fetch` then `kvnet ask` would be), so that the forward pass does not
-    block a live node's trio loop; node start and stop are not counted, the lookup is reported apart."""
+    """Fetch over the bulk path (the KV built as pieces verify), then load (only what the fetch did
+    not bring: nothing here) + first token. The node is stopped before the forward pass (as the
+    daemon runs it off its trio loop); node start and stop are not counted, the lookup is reported
+    apart."""
     from kvnet.reuse import load_prefix
 
-    store, row = trio.run(_fetch_for_reuse, tmp, bootstrap, mid, mode)
+    store, row, builder = trio.run(_fetch_for_reuse, tmp, bootstrap, mid, mode, engine)
     try:
         t0 = time.perf_counter()
-        kv = load_prefix(engine, store, mid)
+        kv = load_prefix(engine, store, mid, builder=builder)
         t1 = time.perf_counter()
         engine.generate_from(kv, suffix, 1)
         t2 = time.perf_counter()
@@ -273,23 +280,27 @@ def reuse_rows(tmp: Path, model: str, n_tokens: int, runs: int) -> dict:
     size = pub.signed.manifest.total_bytes
     console.print(f"reuse: {model}, {n_tokens} tokens, artifact {size / 1e6:.0f} MB")
     out: dict[str, dict] = {"full prefill": {"runs": []}, "local reuse": {"runs": [], "load": []}}
-    for _ in range(runs):
-        out["full prefill"]["runs"].append(_timed(lambda: engine.generate_from(None, doc + suffix, 1))[1])
-        with Store(home / "store") as store:  # a fresh handle, as a new process would open it
-            kv, t_load = _timed(lambda s=store: load_prefix(engine, s, mid))
-        _, t_first = _timed(lambda kv=kv: engine.generate_from(kv, suffix, 1))
-        out["local reuse"]["runs"].append(t_load + t_first)
-        out["local reuse"]["load"].append(t_load)
+    for mode in ("tcp", "tls"):
+        out[f"remote reuse, bulk {mode}"] = {"runs": [], "detail": []}
     proc, addr = serve_process(home)
-    try:
-        for mode in ("tcp", "tls"):
-            rows = [remote_reuse_once(tmp / f"RR-{mode}-{r}", addr, mid, mode, engine, suffix) for r in range(runs)]
-            for r in rows:
-                console.print(f"  remote reuse over bulk {mode}: fetch {r['fetch_s']:.3f} s "
-                              f"({r['fetch_mb_s']:.0f} MB/s) + load {r['load_s']:.3f} + first token "
-                              f"{r['first_token_s']:.3f} = "
-                              f"{r['total_s']:.3f} s (find {r['find_s']:.3f} s, not counted)")
-            out[f"remote reuse, bulk {mode}"] = {"runs": [r["total_s"] for r in rows], "detail": rows}
+    try:  # the paths take turns within each run, so that a noisy stretch of the machine hits all of them
+        for r in range(runs):
+            out["full prefill"]["runs"].append(_timed(lambda: engine.generate_from(None, doc + suffix, 1))[1])
+            with Store(home / "store") as store:  # a fresh handle, as a new process would open it
+                kv, t_load = _timed(lambda s=store: load_prefix(engine, s, mid))
+            _, t_first = _timed(lambda kv=kv: engine.generate_from(kv, suffix, 1))
+            del kv
+            out["local reuse"]["runs"].append(t_load + t_first)
+            out["local reuse"]["load"].append(t_load)
+            console.print(f"  local reuse: load {t_load:.3f} + first token {t_first:.3f} = {t_load + t_first:.3f} s")
+            for mode in ("tcp", "tls"):
+                row = remote_reuse_once(tmp / f"RR-{mode}-{r}", addr, mid, mode, engine, suffix)
+                console.print(f"  remote reuse over bulk {mode}: fetch {row['fetch_s']:.3f} s "
+                              f"({row['fetch_mb_s']:.0f} MB/s) + load {row['load_s']:.3f} + first token "
+                              f"{row['first_token_s']:.3f} = "
+                              f"{row['total_s']:.3f} s (find {row['find_s']:.3f} s, not counted)")
+                out[f"remote reuse, bulk {mode}"]["runs"].append(row["total_s"])
+                out[f"remote reuse, bulk {mode}"]["detail"].append(row)
     finally:
         proc.terminate()
         proc.wait(10)

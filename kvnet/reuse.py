@@ -13,13 +13,17 @@ from kvnet.store import Store
 log = logging.getLogger("kvnet.reuse")
 
 
-def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int | None = None) -> KV:
-    """Load (the first n_tokens of) a stored artifact, verifying every piece against its manifest."""
+def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int | None = None,
+                builder: artifact.KVBuilder | None = None) -> KV:
+    """Load (the first n_tokens of) a stored artifact, verifying every piece against its manifest.
+
+    `builder`: the KVBuilder a fetch of this artifact filled as its pieces verified (`Node.fetch`'s
+    `on_verified`); only the pieces it lacks (those the store already held) are read here."""
     m = store.get_manifest(manifest_id).manifest
     if m.profile != engine.profile:
         log.warning("artifact %s was computed under profile %s, this engine runs %s: expect rounding-level "
                     "differences, not bitwise exactness", manifest_id.hex()[:16], m.profile, engine.profile)
-    kv = artifact.load_kv(m, engine, lambda i: store.read_piece(manifest_id, i, verify=False), n_tokens)
+    kv = artifact.load_kv(m, engine, lambda i: store.read_piece(manifest_id, i, verify=False), n_tokens, builder)
     store.touch(manifest_id)
     return kv
 

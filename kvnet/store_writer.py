@@ -72,11 +72,12 @@ class GroupWriter:
 
     def __init__(self, store: Store, mid: bytes, *, group: int = GROUP, threads: int = WRITER_THREADS,
                  queue_pieces: int = QUEUE_PIECES, on_commit: Callable[[list[Written]], None] | None = None,
-                 on_written: Callable[[Buffer], None] | None = None,
+                 on_written: Callable[[int, Buffer], None] | None = None,
                  on_failure: Callable[[Exception], None] | None = None) -> None:
         """`on_commit(pieces)`: called from the committer thread after each group is durable and
-        marked present. `on_written(buffer)`: called from a writer thread once a piece's buffer is no
-        longer needed (after its pwrite), so a receiver can reuse it. `on_failure(error)`: called once,
+        marked present. `on_written(index, buffer)`: called from a writer thread once a piece's buffer is
+        no longer needed for the store (after its pwrite), so a receiver can use it (build the KV from
+        it off the receiving thread) and reuse it. `on_failure(error)`: called once,
         from the failing thread, when a write or commit failed (nothing after it is stored)."""
         if store.read_only:
             raise StoreError(f"the store at {store.root} is open read-only")
@@ -187,8 +188,8 @@ class GroupWriter:
                     self._fail(_store_error(exc, self.mid, self._files.path(self.mid)))
                 spent += time.perf_counter() - t0
             sizes = [(index, len(data), tag) for index, data, tag in batch]
-            for _, data, _ in batch:
-                self._release(data)
+            for index, data, _ in batch:
+                self._release(index, data)
             with self._cond:
                 self._writes_done += len(batch)
                 if self.failure is None:
@@ -233,10 +234,10 @@ class GroupWriter:
     def _write_run(self, run: list[tuple[int, Buffer, Any]], piece_size: int) -> None:
         self._files.write_run(self._fd, self._direct_fd, run[0][0] * piece_size, [d for _, d, _ in run])
 
-    def _release(self, data: Buffer) -> None:
+    def _release(self, index: int, data: Buffer) -> None:
         if self.on_written is not None:
             try:
-                self.on_written(data)
+                self.on_written(index, data)
             except Exception:  # a caller's buffer pool must not stop the writer
                 log.exception("on_written callback failed")
 

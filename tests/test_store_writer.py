@@ -37,7 +37,7 @@ def test_pieces_from_several_threads_are_stored_in_groups_and_reported_once(tmp_
         store.put_manifest(sm.raw)
         w = store.group_writer(sm.id, reserve=sm.manifest.total_bytes, group=4,
                                on_commit=lambda batch: commits.append([x.index for x in batch]),
-                               on_written=released.append)
+                               on_written=lambda i, data: released.append((i, bytes(data))))
         halves = [range(0, len(pieces), 2), range(1, len(pieces), 2)]
         threads = [threading.Thread(target=lambda r=r: [w.submit(i, pieces[i], tag="t") for i in r]) for r in halves]
         for t in threads:
@@ -48,7 +48,7 @@ def test_pieces_from_several_threads_are_stored_in_groups_and_reported_once(tmp_
         stored = sorted(i for batch in commits for i in batch)
         assert stored == list(range(len(pieces)))  # every piece reported committed, exactly once
         assert all(len(batch) <= len(pieces) for batch in commits) and w.timers["groups"] == len(commits)
-        assert len(released) == len(pieces)  # every buffer handed back after its write
+        assert sorted(released) == list(enumerate(pieces))  # every buffer handed back after its write, with its index
         assert store.missing_pieces(sm.id) == []
         assert store.check(deep=True) == []
         assert all(store.read_piece(sm.id, i, verify=True) == p for i, p in enumerate(pieces))

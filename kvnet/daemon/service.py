@@ -62,6 +62,8 @@ class Reuse:
     load_error: str | None = None  # the stored prefix failed verification when loaded (then prefilled)
     price_paid: int = 0
     audit: str | None = None  # what loading started (kvnet.daemon.audits): "queued", "audited before", "off"
+    # the KV a network fetch built from its pieces as they verified (loaded from it, not from the disk)
+    built: tuple[bytes, artifact.KVBuilder] | None = field(default=None, repr=False)  # (manifest id, builder)
 
 
 class Generation:
@@ -143,18 +145,19 @@ class Service:
     def has_peers(self) -> bool:
         return bool(self.node.host.get_connected_peers()) or self.node.dht.routing_table.size() > 0
 
-    async def fetch_found(self, found: Found, n_tokens: int,
-                          on_paid: Callable[[int], None] | None = None) -> tuple[FetchResult, int]:
+    async def fetch_found(self, found: Found, n_tokens: int, on_paid: Callable[[int], None] | None = None,
+                          builder: artifact.KVBuilder | None = None) -> tuple[FetchResult, int]:
         """Fetch (verified, into the store) with progress in `fetches`; metrics and throughput noted.
         Returns the result and the price paid (the payment hook's say, from the ledger: every attempt
         of the node's fetch, re-lookups included). Fetches of one manifest run one at a time: a second
         agent waits and finds the pieces stored (no byte is fetched or paid for twice), and the
         ledger's receipts since the hook's mark are this fetch's. `on_paid` hears the price paid
-        whether the fetch succeeds or fails (a failed fetch paid for the pieces that verified)."""
+        whether the fetch succeeds or fails (a failed fetch paid for the pieces that verified).
+        `builder` takes each fetched piece as it verifies (kvnet.artifact.KVBuilder)."""
         lock = self._fetching.setdefault(found.signed.id, trio.Lock())
         try:
             async with lock:
-                return await self._fetch_found(found, n_tokens, on_paid)
+                return await self._fetch_found(found, n_tokens, on_paid, builder)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._fetching.pop(found.signed.id, None)
@@ -173,8 +176,8 @@ class Service:
             on_paid(paid)
         return paid
 
-    async def _fetch_found(self, found: Found, n_tokens: int,
-                           on_paid: Callable[[int], None] | None) -> tuple[FetchResult, int]:
+    async def _fetch_found(self, found: Found, n_tokens: int, on_paid: Callable[[int], None] | None,
+                           builder: artifact.KVBuilder | None) -> tuple[FetchResult, int]:
         mark = await self.payments.before_fetch(found, n_tokens)  # SpendingLimitError: no byte moved
         mid = found.signed.id.hex()
         entry = {"manifest_id": mid, "n_tokens": n_tokens, "pieces_done": 0, "pieces_total": None,
@@ -186,7 +189,8 @@ class Service:
 
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):
-                result = await self.node.fetch(found, n_tokens, on_piece=on_piece)
+                result = await self.node.fetch(found, n_tokens, on_piece=on_piece,
+                                               on_verified=builder.add if builder is not None else None)
         except BaseException as exc:
             entry["error"] = str(exc) or type(exc).__name__
             await self._paid_since(found, None, mark, entry, on_paid)
@@ -232,8 +236,10 @@ class Service:
                              time.perf_counter() - t0)
                     return
                 t1 = time.perf_counter()
-                result, _ = await self.fetch_found(found, found.n_tokens, on_paid=paid)
+                builder = self._builder(found, len(prompt) - 1)
+                result, _ = await self.fetch_found(found, found.n_tokens, on_paid=paid, builder=builder)
                 info.fetch_s += time.perf_counter() - t1
+                info.built = (found.signed.id, builder) if builder is not None else None
                 info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
                 info.bytes_fetched = result.bytes
                 info.network_error = None
@@ -245,6 +251,14 @@ class Service:
                 log.info("network prefix fetch failed (attempt %d of %d): %s", attempt + 1, FETCH_ATTEMPTS,
                          info.network_error)
 
+    def _builder(self, found: Found, usable: int) -> artifact.KVBuilder | None:
+        """A KVBuilder for the prefix a fetch of `found` brings, so that loading it reads nothing back
+        from the disk; None when the manifest does not fit this engine (the load then says why)."""
+        try:
+            return artifact.KVBuilder(found.signed.manifest, self.engine, min(found.n_tokens, usable))
+        except KvnetError:
+            return None
+
     async def prepare(self, prompt: list[int]) -> Reuse:
         """The longest prefix of `prompt` held locally or, if longer, on the network; loaded and verified."""
         info = Reuse()
@@ -255,13 +269,18 @@ class Service:
             await self._from_network(prompt, have, info)
             if info.source == "network":
                 local = await self.runner.call(self.store.lookup, self.engine.model_id, prompt)
+        fetched, info.built = info.built, None
         if local is None or min(local.n_tokens, usable) <= 0:
             return info
         info.cached, info.manifest_id = min(local.n_tokens, usable), local.manifest_id
         info.source = info.source or "local"
         t0 = time.perf_counter()
+        built = None  # the KV the fetch built, if the lookup found the prefix it fetched
+        if fetched is not None and fetched[0] == local.manifest_id and fetched[1].n_tokens == info.cached:
+            built = fetched[1]
         try:
-            info.kv = await self.runner.call(load_prefix, self.engine, self.store, local.manifest_id, info.cached)
+            info.kv = await self.runner.call(load_prefix, self.engine, self.store, local.manifest_id, info.cached,
+                                             built)
         except KvnetError as exc:  # a stored piece rotted on disk: it fails verification, never loads
             log.warning("stored KV %s failed to load, prefilling instead: %s", local.manifest_id.hex()[:16], exc)
             return Reuse(network_error=info.network_error, load_error=str(exc))

@@ -47,7 +47,7 @@ from kvnet.p2p.bulk_client import BulkConnection, ClientGrant, Handler
 from kvnet.p2p.scores import PeerScores
 from kvnet.p2p.server import PIECES_PROTOCOL, StoreRunner
 from kvnet.pieces import ArtifactError, verify_piece
-from kvnet.store_writer import GroupWriter, WriterClosedError, Written
+from kvnet.store_writer import Buffer, GroupWriter, WriterClosedError, Written
 
 log = logging.getLogger("kvnet.p2p.fetcher")
 
@@ -154,9 +154,14 @@ class Fetch:
                  open_stream: OpenStream, scores: PeerScores, *, window: int = 4, batch: int = 8,
                  timeout: float = 10.0, on_piece: Callable[[int, int], None] | None = None,
                  bulk: str | None = None, bulk_batch: int = BULK_BATCH,
-                 payments: billing.FetchPayments | None = None) -> None:
+                 payments: billing.FetchPayments | None = None,
+                 on_verified: Callable[[int, Buffer], None] | None = None) -> None:
         """`bulk`: the bulk mode to ask providers for ("tls", "tcp"), or None for `pieces` streams only;
-        `payments`: pays hosts for verified pieces and carries the receipts on requests (None: free)."""
+        `payments`: pays hosts for verified pieces and carries the receipts on requests (None: free);
+        `on_verified(index, data)`: called from a store writer thread with the first verified copy of
+        each piece once it is written (`data` is reused once it returns; off the receiving thread, so
+        it does not slow the receiver): a reader that builds the KV as pieces arrive
+        (kvnet.artifact.KVBuilder) need not read them back from the store."""
         self.payments = payments
         self.sm, self.m = signed, signed.manifest
         self.pending = set(needed)
@@ -168,7 +173,7 @@ class Fetch:
             raise ValueError(f"bulk mode must be one of {sorted(bulk_wire.MODES)} or None")
         self.bulk, self.bulk_batch = bulk, bulk_batch
         self.buffers: queue.SimpleQueue = queue.SimpleQueue()  # piece buffers the bulk receivers reuse
-        self.on_piece = on_piece
+        self.on_piece, self.on_verified = on_piece, on_verified
         self.in_flight: dict[int, set[str]] = {}  # piece -> peers asked for it
         self.asked_at: dict[int, float] = {}  # piece in flight -> when it was first asked (trio clock)
         self.changed = trio.Event()
@@ -416,6 +421,18 @@ class Fetch:
         self._recycle(data)
         self._soon(self._release, p, [i])
 
+    def _written(self, i: int, data: Buffer) -> None:
+        """The writer is done with a piece's buffer (writer thread): `on_verified`, then reuse it. An
+        `on_verified` that fails is logged and not called again (the store still gets every piece, so
+        its reader falls back to reading them from there)."""
+        if self.on_verified is not None:
+            try:
+                self.on_verified(i, data)
+            except Exception:  # noqa: BLE001 - an optimisation's failure must not fail the fetch
+                log.exception("on_verified failed for piece %d; not called again in this fetch", i)
+                self.on_verified = None
+        self._recycle(data)
+
     def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the trio side, without waiting (from any thread)."""
         if self._token is not None:
@@ -457,7 +474,7 @@ class Fetch:
         reserve = sum(self.m.piece_len(i) for i in self.pending)
         return await self.runner.call(partial(
             self.runner.store.group_writer, self.sm.id, reserve, group=WRITE_BATCH, queue_pieces=WRITE_QUEUE,
-            on_commit=partial(self._soon, self._committed), on_written=self._recycle,
+            on_commit=partial(self._soon, self._committed), on_written=self._written,
             on_failure=partial(self._soon, self._failed)))
 
     async def _close_writer(self) -> None:

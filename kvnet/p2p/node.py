@@ -606,8 +606,11 @@ class Node:
 
     async def fetch(self, found: Found, n_tokens: int | None = None, *, on_piece=None, window: int = 4,
                     batch: int = 8, bulk: str | None = bulk_wire.DEFAULT_MODE,
-                    bulk_batch: int = BULK_BATCH) -> FetchResult:
+                    bulk_batch: int = BULK_BATCH, on_verified=None) -> FetchResult:
         """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store.
+
+        `on_verified(index, data)` hears each newly fetched piece once verified, from a receiving
+        thread (kvnet.p2p.fetcher.Fetch); pieces already stored are not fetched, so not heard.
 
         `bulk` is the bulk mode asked of providers ("tls", or "tcp" for public artifacts), or None
         for libp2p `pieces` streams only; `bulk_batch` the most pieces one bulk grant asks for (a
@@ -643,7 +646,8 @@ class Node:
                     result = await fetch_pieces(sm, needed, providers, self.runner, self._open, self.scores,
                                                 background=self._background, window=window, batch=batch,
                                                 timeout=self.timeout, on_piece=progress if on_piece else None,
-                                                bulk=bulk, bulk_batch=bulk_batch, payments=pay)
+                                                bulk=bulk, bulk_batch=bulk_batch, payments=pay,
+                                                on_verified=on_verified)
                     break
                 except FetchError as exc:
                     await pay.settle(self._open, self.timeout)  # pay for what did verify
