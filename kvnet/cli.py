@@ -417,36 +417,46 @@ def gc(home: Home = DEFAULT_HOME,
 # -- answering ---------------------------------------------------------------------------------------
 
 
-def _fetch_prefix(node, model_id: bytes, prompt: list[int]) -> dict[str, Any]:
-    """Fetch the network's longest prefix of `prompt` into the node's store, if longer than ours.
+def _fetch_prefix(node, engine, prompt: list[int]) -> tuple[dict[str, Any], Any]:
+    """Fetch the network's longest prefix of `prompt` into the node's store, if longer than ours; the
+    report and the KVBuilder the fetch filled as its pieces verified (kvnet.reuse.prefix_builder: the
+    answer then reads back from the store only what it held before), or None.
 
     Any network failure (no peer reachable, a fetch that failed) is reported and generation goes on
     with the local store: the network is an optimisation here, never a requirement."""
     from kvnet.p2p import commands
+    from kvnet.reuse import prefix_builder
 
-    local = node.store.lookup(model_id, prompt)
+    local = node.store.lookup(engine.model_id, prompt)
+    built = []
+
+    def builder_for(found):
+        b = prefix_builder(engine, found.signed.manifest, found.n_tokens, len(prompt))
+        built.append(b)
+        return b.add if b is not None else None
+
     with _progress() as prog:
         task = prog.add_task("fetch pieces", total=None)
         try:
             outcome = _run_trio(lambda: commands.fetch(
-                node, model_id=model_id, tokens=prompt, min_tokens=(local.n_tokens if local else 0) + 1,
-                on_piece=lambda d, t: prog.update(task, completed=d, total=t)))
+                node, model_id=engine.model_id, tokens=prompt, min_tokens=(local.n_tokens if local else 0) + 1,
+                on_piece=lambda d, t: prog.update(task, completed=d, total=t), on_verified_for=builder_for))
         except KvnetError as exc:
             console.print(f"network: {_one_line(exc)}; continuing with the local store", markup=False,
                           highlight=False)
-            return {"error": str(exc), "fetched_tokens": 0}
+            return {"error": str(exc), "fetched_tokens": 0}, None
     found, result = outcome.found, outcome.result
     if outcome.error:
         console.print(f"network: fetch failed ({outcome.error}); continuing with the local store",
                       markup=False, highlight=False)
-        return {"error": outcome.error, "fetched_tokens": 0}
+        return {"error": outcome.error, "fetched_tokens": 0}, None
     if result is not None:
         console.print(f"network: fetched {found.n_tokens} tokens of KV ({result.bytes / 1e6:.1f} MB from "
                       f"{len(found.providers)} providers in {result.seconds:.2f} s)", highlight=False)
-        return {"error": None, "fetched_tokens": found.n_tokens, "bytes": result.bytes,
-                "providers": len(found.providers), "seconds": round(result.seconds, 4)}
+        return ({"error": None, "fetched_tokens": found.n_tokens, "bytes": result.bytes,
+                 "providers": len(found.providers), "seconds": round(result.seconds, 4)}, built[-1])
     console.print("network: no longer prefix found", highlight=False)
-    return {"error": None, "fetched_tokens": 0}
+    return {"error": None, "fetched_tokens": 0}, None
 
 
 @app.command()
@@ -485,8 +495,8 @@ def generate(
             raise _fail("the prompt is empty")
         if node is not None:  # a /kvf/ proof found before using a fetched artifact is verified with this model
             node.proof_verifier = lambda raw: fraud.verify_stored(raw, engine, store.root)
-        network = _fetch_prefix(node, engine.model_id, prompt) if node is not None else None
-        ans = answer(engine, store, prompt, max_new_tokens)
+        network, built = _fetch_prefix(node, engine, prompt) if node is not None else (None, None)
+        ans = answer(engine, store, prompt, max_new_tokens, built=built)
     auditing = GenerateAudit(engine, home, audit_blocks) if ans.manifest_id and not no_audit else None
     if auditing:
         auditing.loaded(ans.manifest_id, prompt)  # runs on its own thread: the answer does not wait

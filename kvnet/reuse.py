@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from kvnet import artifact
 from kvnet.engine import KV, Engine
+from kvnet.errors import KvnetError
+from kvnet.manifest import Manifest
 from kvnet.store import Store
 
 log = logging.getLogger("kvnet.reuse")
@@ -18,14 +20,27 @@ def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int 
     """Load (the first n_tokens of) a stored artifact, verifying every piece against its manifest.
 
     `builder`: the KVBuilder a fetch of this artifact filled as its pieces verified (`Node.fetch`'s
-    `on_verified`); only the pieces it lacks (those the store already held) are read here."""
+    `on_verified`); only the pieces it lacks (those the store already held) are read here. A builder
+    made for another manifest or prefix length is not used."""
     m = store.get_manifest(manifest_id).manifest
+    if builder is not None and (builder.m != m or builder.n_tokens != (m.n_tokens if n_tokens is None else n_tokens)):
+        builder = None
     if m.profile != engine.profile:
         log.warning("artifact %s was computed under profile %s, this engine runs %s: expect rounding-level "
                     "differences, not bitwise exactness", manifest_id.hex()[:16], m.profile, engine.profile)
     kv = artifact.load_kv(m, engine, lambda i: store.read_piece(manifest_id, i, verify=False), n_tokens, builder)
     store.touch(manifest_id)
     return kv
+
+
+def prefix_builder(engine: Engine, m: Manifest, n_tokens: int, prompt_len: int) -> artifact.KVBuilder | None:
+    """The KVBuilder for a fetch of `n_tokens` of `m` that a prompt of `prompt_len` tokens will reuse
+    (all of them but the prompt's last); None when nothing of it would be used or `m` does not fit
+    this engine (the load then says why)."""
+    try:
+        return artifact.KVBuilder(m, engine, min(n_tokens, prompt_len - 1))
+    except KvnetError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -41,11 +56,12 @@ class Answer:
 
 
 def answer(engine: Engine, store: Store, prompt: list[int], max_new_tokens: int,
-           stop_at_eos: bool = True) -> Answer:
+           stop_at_eos: bool = True, built: artifact.KVBuilder | None = None) -> Answer:
     """Greedy answer to `prompt`, reusing the longest stored prefix of it.
 
     At most len(prompt) - 1 tokens are reused: the logits for the first new token come from the last
-    prompt position, which must be computed here.
+    prompt position, which must be computed here. `built`: the KV a fetch just built of that prefix
+    (`prefix_builder`), used if it is the one the lookup finds.
     """
     t0 = time.perf_counter()
     match = store.lookup(engine.model_id, prompt)
@@ -53,7 +69,7 @@ def answer(engine: Engine, store: Store, prompt: list[int], max_new_tokens: int,
     if match is not None:
         mid, cached = match.manifest_id, min(match.n_tokens, len(prompt) - 1)
         if cached > 0:
-            kv = load_prefix(engine, store, mid, cached)
+            kv = load_prefix(engine, store, mid, cached, built)
         else:
             mid = None
     t1 = time.perf_counter()

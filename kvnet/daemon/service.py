@@ -35,7 +35,7 @@ from kvnet.manifest import MAX_PIECE_SIZE, Terms
 from kvnet.p2p.fetcher import FetchResult
 from kvnet.p2p.node import Found, Node
 from kvnet.publish import STORE_BATCH, find_existing
-from kvnet.reuse import load_prefix
+from kvnet.reuse import load_prefix, prefix_builder
 
 log = logging.getLogger("kvnet.daemon")
 LOOKUP_TIMEOUT_S = 15.0  # the most a request waits for the network's answer before prefilling locally
@@ -63,7 +63,7 @@ class Reuse:
     price_paid: int = 0
     audit: str | None = None  # what loading started (kvnet.daemon.audits): "queued", "audited before", "off"
     # the KV a network fetch built from its pieces as they verified (loaded from it, not from the disk)
-    built: tuple[bytes, artifact.KVBuilder] | None = field(default=None, repr=False)  # (manifest id, builder)
+    built: artifact.KVBuilder | None = field(default=None, repr=False)
 
 
 class Generation:
@@ -236,10 +236,10 @@ class Service:
                              time.perf_counter() - t0)
                     return
                 t1 = time.perf_counter()
-                builder = self._builder(found, len(prompt) - 1)
+                builder = prefix_builder(self.engine, found.signed.manifest, found.n_tokens, len(prompt))
                 result, _ = await self.fetch_found(found, found.n_tokens, on_paid=paid, builder=builder)
                 info.fetch_s += time.perf_counter() - t1
-                info.built = (found.signed.id, builder) if builder is not None else None
+                info.built = builder
                 info.source, info.providers = "network", [p for p, s in result.providers.items() if s.get("pieces")]
                 info.bytes_fetched = result.bytes
                 info.network_error = None
@@ -250,14 +250,6 @@ class Service:
                 info.network_error = str(exc) or type(exc).__name__
                 log.info("network prefix fetch failed (attempt %d of %d): %s", attempt + 1, FETCH_ATTEMPTS,
                          info.network_error)
-
-    def _builder(self, found: Found, usable: int) -> artifact.KVBuilder | None:
-        """A KVBuilder for the prefix a fetch of `found` brings, so that loading it reads nothing back
-        from the disk; None when the manifest does not fit this engine (the load then says why)."""
-        try:
-            return artifact.KVBuilder(found.signed.manifest, self.engine, min(found.n_tokens, usable))
-        except KvnetError:
-            return None
 
     async def prepare(self, prompt: list[int]) -> Reuse:
         """The longest prefix of `prompt` held locally or, if longer, on the network; loaded and verified."""
@@ -275,12 +267,9 @@ class Service:
         info.cached, info.manifest_id = min(local.n_tokens, usable), local.manifest_id
         info.source = info.source or "local"
         t0 = time.perf_counter()
-        built = None  # the KV the fetch built, if the lookup found the prefix it fetched
-        if fetched is not None and fetched[0] == local.manifest_id and fetched[1].n_tokens == info.cached:
-            built = fetched[1]
-        try:
+        try:  # from the KV the fetch built, if the lookup found the prefix it fetched (else from the store)
             info.kv = await self.runner.call(load_prefix, self.engine, self.store, local.manifest_id, info.cached,
-                                             built)
+                                             fetched)
         except KvnetError as exc:  # a stored piece rotted on disk: it fails verification, never loads
             log.warning("stored KV %s failed to load, prefilling instead: %s", local.manifest_id.hex()[:16], exc)
             return Reuse(network_error=info.network_error, load_error=str(exc))

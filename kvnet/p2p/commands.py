@@ -79,10 +79,12 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
                 tokens: list[int] | None = None, min_tokens: int = 1,
                 on_piece: Callable[[int, int], None] | None = None,
                 on_found: Callable[[Found], None] | None = None,
-                bulk: str | None = DEFAULT_MODE) -> FetchOutcome:
+                bulk: str | None = DEFAULT_MODE,
+                on_verified_for: Callable[[Found], Callable[[int, Any], None] | None] | None = None) -> FetchOutcome:
     """Join the network, find a manifest (by id, or the longest prefix of `tokens`), fetch it, leave.
 
     `bulk`: the bulk connection mode asked of providers ("tls", "tcp"), or None for libp2p streams only.
+    `on_verified_for(found)`: the `on_verified` callback for the fetch of `found` (Node.fetch), or None.
 
     A prefix covering fewer than `min_tokens` tokens is found but not fetched (we have as much).
     The node announces nothing (this process exits right after; a `kvnet serve` on the same home
@@ -107,7 +109,8 @@ async def fetch(node: Node, *, manifest_id: bytes | None = None, model_id: bytes
                 on_found(found)
             n = found.signed.manifest.n_tokens if manifest_id is not None else found.n_tokens
             try:
-                result = await node.fetch(found, n, on_piece=on_piece, bulk=bulk)
+                on_verified = on_verified_for(found) if on_verified_for is not None else None
+                result = await node.fetch(found, n, on_piece=on_piece, bulk=bulk, on_verified=on_verified)
             except (FetchError, StoreError, ManifestError, SpendingLimitError) as exc:
                 error = str(exc)
         nursery.cancel_scope.cancel()
