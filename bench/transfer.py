@@ -13,9 +13,11 @@ to raw TCP's; "received" is the bytes read from providers over the artifact's si
 and by all provider processes together, median over runs: on a shared 2-core machine it says
 whether a row is limited by the CPU it can get.
 
---breakdown: where the CPU of a durable 1-provider bulk fetch goes, per stage, in CPU seconds per GiB
+--breakdown: where the CPU of a durable bulk fetch goes, per stage, in CPU seconds per GiB
 (thread_time in the thread that does each stage; the fetcher's and the provider's trio loop are their
-main threads' CPU), next to the same stages in bench/bulk_floor.py's minimal script.
+main threads' CPU), next to the same stages in bench/bulk_floor.py's minimal script;
+--breakdown-providers 1,3 adds the same from 3 providers (with the fetcher's run-queue wait: what
+the providers' share of 2 cores costs it).
 
 Remote reuse (--reuse-tokens, default 2048, on --reuse-model `qwen3-0.6b-shape`, bf16): a document is
 published into a provider's store and served by a real `kvnet serve` process; "full prefill" runs
@@ -393,11 +395,14 @@ FLOOR_ROWS = {
 
 
 def breakdown(args: argparse.Namespace) -> dict:
-    """Where the CPU (and time) of one durable fetch from 1 provider goes, per GiB, against the floor
-    of the same stages in one minimal script (bench/bulk_floor.py); medians of --runs."""
+    """Where the CPU (and time) of one durable fetch goes, per GiB, from 1 provider (against the floor
+    of the same stages in one minimal script, bench/bulk_floor.py) and, with --breakdown-providers
+    1,3, from 3 (the fetcher's extra work, and its threads' wait for a CPU that the providers share);
+    medians of --runs, the fetches interleaved."""
     from bench import bulk_floor
 
     bd = Breakdown()
+    counts = sorted({int(n) for n in args.breakdown_providers.split(",")})
     out: dict[str, dict[str, float]] = {}
     floor: dict[str, dict[str, float]] = {}
     gib = args.mb / 1024
@@ -406,56 +411,73 @@ def breakdown(args: argparse.Namespace) -> dict:
         sm, pieces = fake_artifact(7, args.mb, kv_shape=(28, 8, 128))
         src = tmp / "floor-source.kv"
         src.write_bytes(b"".join(pieces)[: (sm.manifest.total_bytes // bulk_floor.PIECE) * bulk_floor.PIECE])
-        proc, addr = serve_process(provider_home(tmp, "P1", sm, pieces))
+        procs: list[subprocess.Popen] = []
+        addrs: list[str] = []
+        for name in [f"P{k + 1}" for k in range(max(counts))]:
+            proc, addr = serve_process(provider_home(tmp, name, sm, pieces), addrs[0] if addrs else None)
+            procs.append(proc)
+            addrs.append(addr)
         del pieces
+        pids = [p.pid for p in procs]
+        runs: dict[str, list[dict[str, float]]] = {}
         try:
+            for r in range(args.runs):
+                for mode in ("tcp", "tls"):
+                    for n in counts:
+                        bd.t = {}
+                        res = trio.run(fetch_once, tmp / f"B-{mode}-{n}-{r}", addrs[0], sm.id, n, args.window,
+                                       args.batch, mode, pids)
+                        runs.setdefault(f"{mode} {n}", []).append(_breakdown_row(bd, res, gib))
             for mode in ("tcp", "tls"):
-                runs = []
-                for r in range(args.runs):
-                    bd.t = {}
-                    res = trio.run(fetch_once, tmp / f"B-{mode}-{r}", addr, sm.id, 1, args.window, args.batch, mode,
-                                   [proc.pid])
-                    st, c = res["store"], res["cpu"]
-                    row = {k: v / gib for k, v in bd.t.items() if "wall" not in k}
-                    row.update({"writer threads: CPU": st["writer_cpu"] / gib,
-                                "committer thread: CPU (fdatasync + index commit)": st.get("committer_cpu", 0.0) / gib,
-                                "fetcher: trio loop (main thread)": c["fetcher_loop"] / gib,
-                                "fetcher process: CPU": c["fetcher"] / gib,
-                                "provider: trio loop (main thread)": c["providers_loop"] / gib,
-                                "provider: other threads (bulk connection, store)":
-                                    (c["providers"] - c["providers_loop"]) / gib,
-                                "provider process: CPU": c["providers"] / gib,
-                                "fetcher: runnable, waiting for a CPU (at least)": c["fetcher_wait"] / gib,
-                                "provider: runnable, waiting for a CPU (at least)": c["providers_wait"] / gib,
-                                "wall: whole fetch (s per GiB)": res["seconds"] / gib,
-                                **{k + " (s per GiB)": v / gib for k, v in bd.t.items() if "wall" in k},
-                                "wall: O_DIRECT pwrite, summed over the writer threads (s per GiB)": st["pwrite"] / gib,
-                                "wall: fdatasync (s per GiB)": st["fdatasync"] / gib,
-                                "wall: index commit (s per GiB)": st["commit"] / gib,
-                                "groups committed": st["groups"], "MB/s (wall)": res["mb_s"]})
-                    runs.append(row)
-                keys = list(dict.fromkeys(k for r in runs for k in r))
-                out[mode] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
                 fl = [bulk_floor.run_once(src, tmp, mode, bulk_floor.WRITERS, True) for _ in range(args.runs)]
                 floor[mode] = {k: statistics.median(f["cpu_s_per_gib"].get(k, 0.0) for f in fl)
                                for k in fl[0]["cpu_s_per_gib"]}
                 floor[mode]["MB/s (wall)"] = statistics.median(f["mb_s"] for f in fl)
         finally:
-            proc.terminate()
-            proc.wait(10)
-    table = Table("stage (CPU s per GiB unless marked, median)", "bulk tcp", "floor tcp", "bulk tls", "floor tls",
-                  title=f"where the CPU of a durable {args.mb} MiB fetch from 1 provider goes, product vs floor "
-                  f"(bench/bulk_floor.py), {args.runs} runs")
-    for k in out["tcp"]:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+    for col, rows in runs.items():
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        out[col] = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
+    cols = [(mode, n) for mode in ("tcp", "tls") for n in counts]
+    heads = [h for mode, n in cols for h in ([f"bulk {mode} {n}p"] + ([f"floor {mode}"] if n == 1 else []))]
+    table = Table("stage (CPU s per GiB unless marked, median)", *heads,
+                  title=f"where the CPU of a durable {args.mb} MiB fetch goes, from {' and '.join(map(str, counts))} "
+                  f"provider(s), product vs floor (bench/bulk_floor.py), {args.runs} runs")
+    for k in out[f"tcp {counts[0]}"]:
         fk = "MB/s (wall)" if k == "MB/s (wall)" else FLOOR_ROWS.get(k)
         fmt = "{:.0f}" if k in ("MB/s (wall)", "groups committed") else "{:.3f}"
         cells = []
-        for mode in ("tcp", "tls"):
-            cells.append(fmt.format(out[mode].get(k, 0.0)))
-            cells.append(fmt.format(floor[mode][fk]) if fk and fk in floor[mode] else "")
+        for mode, n in cols:
+            cells.append(fmt.format(out[f"{mode} {n}"].get(k, 0.0)))
+            if n == 1:
+                cells.append(fmt.format(floor[mode][fk]) if fk and fk in floor[mode] else "")
         table.add_row(k, *cells)
     console.print(table)
     return {"product": out, "floor": floor, "unit": "CPU s per GiB unless the key says otherwise"}
+
+
+def _breakdown_row(bd: Breakdown, res: dict, gib: float) -> dict[str, float]:
+    """One fetch's stages, per GiB (the timers `bd` collected, the store's, the processes' CPU)."""
+    st, c = res["store"], res["cpu"]
+    row = {k: v / gib for k, v in bd.t.items() if "wall" not in k}
+    row.update({"writer threads: CPU": st["writer_cpu"] / gib,
+                "committer thread: CPU (fdatasync + index commit)": st.get("committer_cpu", 0.0) / gib,
+                "fetcher: trio loop (main thread)": c["fetcher_loop"] / gib,
+                "fetcher process: CPU": c["fetcher"] / gib,
+                "provider: trio loop (main thread)": c["providers_loop"] / gib,
+                "provider: other threads (bulk connection, store)": (c["providers"] - c["providers_loop"]) / gib,
+                "provider process: CPU": c["providers"] / gib,
+                "fetcher: runnable, waiting for a CPU (at least)": c["fetcher_wait"] / gib,
+                "provider: runnable, waiting for a CPU (at least)": c["providers_wait"] / gib,
+                "wall: whole fetch (s per GiB)": res["seconds"] / gib,
+                **{k + " (s per GiB)": v / gib for k, v in bd.t.items() if "wall" in k},
+                "wall: O_DIRECT pwrite, summed over the writer threads (s per GiB)": st["pwrite"] / gib,
+                "wall: fdatasync (s per GiB)": st["fdatasync"] / gib,
+                "wall: index commit (s per GiB)": st["commit"] / gib,
+                "groups committed": st["groups"], "MB/s (wall)": res["mb_s"]})
+    return row
 
 
 def main() -> None:
@@ -469,7 +491,9 @@ def main() -> None:
     ap.add_argument("--reuse-tokens", type=int, default=2048, help="document length of the reuse rows (0: skip)")
     ap.add_argument("--reuse-model", default="qwen3-0.6b-shape")
     ap.add_argument("--reuse-runs", type=int, default=3)
-    ap.add_argument("--breakdown", action="store_true", help="also time the steps of 1-provider bulk fetches")
+    ap.add_argument("--breakdown", action="store_true", help="also time the steps of bulk fetches")
+    ap.add_argument("--breakdown-providers", default="1",
+                    help="provider counts of the breakdown, comma-separated (e.g. 1,3)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "transfer.json")
     args = ap.parse_args()
     report: dict = {}
