@@ -609,7 +609,7 @@ class Node:
                     bulk_batch: int = BULK_BATCH, on_verified=None) -> FetchResult:
         """Fetch the pieces covering `n_tokens` (default: what `found` matched), verify, store.
 
-        `on_verified(index, data)` hears each newly fetched piece once verified, from a receiving
+        `on_verified(index, data)` hears each newly fetched piece once, verified, from a store writer
         thread (kvnet.p2p.fetcher.Fetch); pieces already stored are not fetched, so not heard.
 
         `bulk` is the bulk mode asked of providers ("tls", or "tcp" for public artifacts), or None
