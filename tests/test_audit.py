@@ -4,6 +4,7 @@ profile reports the difference it measured instead of a bare pass."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -151,10 +152,12 @@ def test_the_background_policy_audits_each_artifact_once_without_holding_the_cal
     poisoned = put(store, *poisoned_artifact(tiny_bf16, key, DOC, OTHER, forged=2, block_size=B))
     honest = put(store, *honest_artifact(tiny_bf16, key, DOC[:200], B))
     returned = threading.Event()
-    seen, proofs = [], []
+    seen, proofs, nice = [], [], []
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's niceness (Linux: per thread)
 
     def on_report(report):
         assert returned.wait(60)  # the caller got control back before any audit finished
+        nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         seen.append(report)
 
     auditor = audit.BackgroundAuditor(tiny_bf16, store.root, n_random=3, on_report=on_report,
@@ -168,7 +171,41 @@ def test_the_background_policy_audits_each_artifact_once_without_holding_the_cal
     finally:
         auditor.close()
     assert auditor.errors == []
+    # the worker runs at lower priority than the answers beside it; the caller's thread is untouched
+    assert nice == [max(base, audit.AUDIT_NICE)] * 2 and os.getpriority(os.PRIO_PROCESS, 0) == base
     assert [(r.manifest_id, r.passed) for r in seen] == [(poisoned, False), (honest, True)]
     assert [b.block for b in seen[0].blocks] == [0, 1, 2, 3]  # 3 random + the last covers all 4
     (raw,) = proofs
     assert fraud.verify_proof(raw, tiny_bf16, lambda i: store.read_piece(poisoned, i)).proof.block == 2
+
+
+def test_an_audit_waits_for_its_answers_first_token_and_a_closing_auditor_does_not(tiny_bf16, key, store):
+    """With `after`, the worker takes the audit but starts it only once the event is set (kvnet-node
+    sets it at the answer's first token, so the audit never slows that answer); close() does not wait
+    for an event that will never be set, and the queued audit still runs."""
+    import threading
+    import time
+
+    from tests.poison import put
+
+    first = put(store, *honest_artifact(tiny_bf16, key, DOC[:200], B))
+    second = put(store, *honest_artifact(tiny_bf16, key, DOC[:300], B))
+    seen = []
+    auditor = audit.BackgroundAuditor(tiny_bf16, store.root, on_report=seen.append)
+    answered, never = threading.Event(), threading.Event()
+    try:
+        assert auditor.loaded(first, DOC[:200], after=answered)
+        deadline = time.monotonic() + 30
+        while auditor._queue.qsize() and time.monotonic() < deadline:  # the worker took it and waits
+            time.sleep(0.01)
+        time.sleep(0.5)  # a tiny model's audit takes milliseconds: had it started, it would be done
+        assert seen == [] and auditor.pending == 1
+        answered.set()
+        assert auditor.drain(60)
+        assert [r.manifest_id for r in seen] == [first]
+        assert auditor.loaded(second, DOC[:300], after=never)
+        t0 = time.monotonic()
+    finally:
+        auditor.close()
+    assert time.monotonic() - t0 < audit.AFTER_MAX_S / 4  # closing ends the wait
+    assert [r.manifest_id for r in seen] == [first, second] and auditor.errors == []

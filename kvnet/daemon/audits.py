@@ -14,6 +14,7 @@ fetched artifact (`Node.proof_verifier`). Results: `GET /v1/status` (`audits`) a
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,13 +51,14 @@ class DaemonAudits:
         self.auditor = (BackgroundAuditor(engine, root, n_random=self.blocks, on_report=self._report,
                                           on_proof=self._proof) if self.enabled else None)
 
-    def loaded(self, manifest_id: bytes, prompt: Sequence[int]) -> str:
+    def loaded(self, manifest_id: bytes, prompt: Sequence[int], after: threading.Event | None = None) -> str:
         """Called (from the trio loop) right after a prefix was loaded; returns at once with what was done:
-        "queued", "audited before" (this node audits an artifact once), or "off"."""
+        "queued", "audited before" (this node audits an artifact once), or "off". The audit starts once
+        `after` is set (the answer's first token: BackgroundAuditor.loaded)."""
         if self.auditor is None:
             return "off"
         self._token = trio.lowlevel.current_trio_token()
-        if not self.auditor.loaded(manifest_id, prompt):
+        if not self.auditor.loaded(manifest_id, prompt, after):
             return "audited before"
         self.counts["queued"] += 1
         return "queued"

@@ -13,6 +13,7 @@ uncached rest, then greedy decoding in chunks) -> tokens stream back.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,14 +65,18 @@ class Reuse:
     audit: str | None = None  # what loading started (kvnet.daemon.audits): "queued", "audited before", "off"
     # the KV a network fetch built from its pieces as they verified (loaded from it, not from the disk)
     built: artifact.KVBuilder | None = field(default=None, repr=False)
+    # set at the answer's first token (or its end): the audit of a first load starts then, not before
+    answered: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 class Generation:
     """Greedy decoding state of one request, advanced by the scheduler in chunks (worker thread)."""
 
-    def __init__(self, engine: Engine, kv: KV | None, suffix: list[int], max_new: int, stop_at_eos: bool) -> None:
+    def __init__(self, engine: Engine, kv: KV | None, suffix: list[int], max_new: int, stop_at_eos: bool,
+                 first_token: threading.Event | None = None) -> None:
+        """`first_token` is set once the first token is out (the prefill is done)."""
         self.engine, self.kv, self.next = engine, kv, suffix
-        self.left, self.stop_at_eos = max_new, stop_at_eos
+        self.left, self.stop_at_eos, self.first_token = max_new, stop_at_eos, first_token
         self.tokens: list[int] = []
         self.prefill_s: float | None = None  # uncached rest + first token: the time to first token
         self.finish = "length"
@@ -82,6 +87,8 @@ class Generation:
         g = self.engine.generate_from(self.kv, self.next, k, stop_at_eos=self.stop_at_eos)
         if self.prefill_s is None:
             self.prefill_s = time.perf_counter() - t0
+            if self.first_token is not None:
+                self.first_token.set()
         self.tokens += g.tokens
         self.left -= len(g.tokens)
         self.kv, self.next = g.kv, g.tokens[-1:]
@@ -274,7 +281,8 @@ class Service:
             log.warning("stored KV %s failed to load, prefilling instead: %s", local.manifest_id.hex()[:16], exc)
             return Reuse(network_error=info.network_error, load_error=str(exc))
         info.load_s = time.perf_counter() - t0
-        info.audit = self.audits.loaded(local.manifest_id, prompt)  # in the background: never waited for
+        # in the background, from the answer's first token on: never waited for, never slowing the answer
+        info.audit = self.audits.loaded(local.manifest_id, prompt, after=info.answered)
         return info
 
     # -- generation -----------------------------------------------------------------------------
@@ -300,13 +308,19 @@ class Service:
                            "retry later", "server_error", code="queue_full")
         t0 = time.perf_counter()
         reuse = await self.prepare(prompt) if params.reuse else Reuse()
-        gen = Generation(self.engine, reuse.kv, prompt[reuse.cached:], params.max_tokens, not params.ignore_eos)
+        gen = Generation(self.engine, reuse.kv, prompt[reuse.cached:], params.max_tokens, not params.ignore_eos,
+                         reuse.answered)
         reuse.kv = None  # the generation holds it now
-        job = self.scheduler.submit(gen.advance)
+        try:
+            job = self.scheduler.submit(gen.advance)
+        except BaseException:
+            reuse.answered.set()  # no answer is coming: the audit need not wait for one
+            raise
         return Run(job, gen, reuse, len(prompt), t0)
 
     def finished(self, run: Run) -> None:
         """Count a finished request in the metrics."""
+        run.reuse.answered.set()  # also when it ended before its first token
         self.metrics.prompt_tokens.inc(run.prompt_tokens)
         self.metrics.completion_tokens.inc(len(run.gen.tokens))
         self.metrics.cached_tokens.inc(run.reuse.cached)
