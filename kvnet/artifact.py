@@ -151,6 +151,10 @@ class KVBuilder:
         self._claimed: set[int] = set()
         self._done: set[int] = set()
 
+    def made_for(self, m: Manifest, n_tokens: int | None = None) -> bool:
+        """Whether this builder is for the first `n_tokens` (default: all) of `m`."""
+        return self.m == m and self.n_tokens == (m.n_tokens if n_tokens is None else n_tokens)
+
     def missing(self) -> list[int]:
         """The needed pieces not yet added (in order)."""
         with self._lock:
@@ -230,7 +234,7 @@ def load_kv(
     """
     if builder is None:
         builder = KVBuilder(m, engine, n_tokens)
-    elif builder.m != m or (n_tokens is not None and builder.n_tokens != n_tokens):
+    elif not builder.made_for(m, n_tokens):
         raise ValueError("the builder was made for another manifest or prefix length")
     for i in builder.missing():
         data = read_piece(i)

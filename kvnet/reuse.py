@@ -23,7 +23,7 @@ def load_prefix(engine: Engine, store: Store, manifest_id: bytes, n_tokens: int 
     `on_verified`); only the pieces it lacks (those the store already held) are read here. A builder
     made for another manifest or prefix length is not used."""
     m = store.get_manifest(manifest_id).manifest
-    if builder is not None and (builder.m != m or builder.n_tokens != (m.n_tokens if n_tokens is None else n_tokens)):
+    if builder is not None and not builder.made_for(m, n_tokens):
         builder = None
     if m.profile != engine.profile:
         log.warning("artifact %s was computed under profile %s, this engine runs %s: expect rounding-level "
